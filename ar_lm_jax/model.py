@@ -1,0 +1,253 @@
+"""StableLM 2 decoder in Flax (Linen), exactly as transformers' `StableLmForCausalLM`.
+
+Pre-LayerNorm blocks with a sequential residual, q/k/v biases only, NeoX
+(rotate-half) rotary embeddings on the first `partial_rotary_factor` of each
+head's dims, SwiGLU MLP, untied LM head.
+
+Packed rows: `segment_ids` (0 = padding) keep attention inside one document and
+`positions` restart at 0 for every document (gpt-neox `reset_attention_mask` /
+`reset_position_ids`).
+
+Every parameter carries logical axis names; `sharding.py` maps them to the mesh,
+so this file knows nothing of devices. Parameter names mirror the Hugging Face
+ones so that `hf.py` is a table of transposes.
+
+Why Linen rather than NNX: the train state is a plain pytree of arrays that
+optax, orbax and the HF mapping consume directly, and `nn.scan`/`nn.remat` with
+logical partitioning metadata are mature there.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from ar_lm_jax.config import ModelConfig
+from ar_lm_jax import attention as attention_lib
+
+Dtype = jnp.dtype
+
+
+def _dtype(name: str) -> Dtype:
+  return jnp.dtype(name)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, cfg: ModelConfig):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(cfg.param_dtype))
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in fp32 whatever the compute dtype, optional bias."""
+  cfg: ModelConfig
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    d = x_BTD.shape[-1]
+    scale_D = _param(self, "scale", nn.initializers.ones, (d,), ("norm",), self.cfg)
+    x = x_BTD.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.cfg.layer_norm_eps) * scale_D.astype(jnp.float32)
+    if self.use_bias:
+      bias_D = _param(self, "bias", nn.initializers.zeros, (d,), ("norm",), self.cfg)
+      y = y + bias_D.astype(jnp.float32)
+    return y.astype(_dtype(self.cfg.dtype))
+
+
+def rotary_cos_sin(positions_BT: jax.Array, rotary_dim: int, theta: float):
+  """cos/sin tables [B, T, rotary_dim] in fp32, NeoX layout (frequencies repeated, not interleaved)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+  freqs_BTR = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs_BTR, freqs_BTR], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x_BTNH: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> jax.Array:
+  """Rotate-half rotary on the first R dims of each head; the rest passes through."""
+  r = cos_BTR.shape[-1]
+  x_rot, x_pass = x_BTNH[..., :r].astype(jnp.float32), x_BTNH[..., r:]
+  x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
+  out = (x_rot * cos + rotated * sin).astype(x_BTNH.dtype)
+  return jnp.concatenate([out, x_pass], axis=-1)
+
+
+class _Proj(nn.Module):
+  """x @ W (+ b) with W laid out [D, N, H] (q/k/v) or [N, H, D] (o)."""
+  cfg: ModelConfig
+  shape: tuple
+  axes: tuple
+  eq: str
+  use_bias: bool = False
+  bias_shape: tuple = ()
+  bias_axes: tuple = ()
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dt = _dtype(cfg.dtype)
+    w = _param(self, "kernel", nn.initializers.normal(cfg.init_std), self.shape, self.axes, cfg)
+    y = jnp.einsum(self.eq, x.astype(dt), w.astype(dt))
+    if self.use_bias:
+      b = _param(self, "bias", nn.initializers.zeros, self.bias_shape, self.bias_axes, cfg)
+      y = y + b.astype(dt)
+    return y
+
+
+class SelfAttention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+    cfg = self.cfg
+    D, N, H = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+
+    def qkv(name):
+      return _Proj(cfg, (D, N, H), ("embed", "heads", "head_dim"), "btd,dnh->btnh", cfg.qkv_bias, (N, H), ("heads", "head_dim"), name=name)(x_BTD)
+
+    q_BTNH, k_BTNH, v_BTNH = qkv("q_proj"), qkv("k_proj"), qkv("v_proj")
+    cos, sin = rotary_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta)
+    q_BTNH = apply_rotary(q_BTNH, cos, sin)
+    k_BTNH = apply_rotary(k_BTNH, cos, sin)
+    q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "act_heads", "head_dim"))
+    k_BTNH = nn.with_logical_constraint(k_BTNH, ("batch", "length", "act_heads", "head_dim"))
+    v_BTNH = nn.with_logical_constraint(v_BTNH, ("batch", "length", "act_heads", "head_dim"))
+    out_BTNH = attention_lib.attend(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, impl=cfg.attention)
+    out_BTNH = checkpoint_name(out_BTNH, "attn_out")
+    return _Proj(cfg, (N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", name="o_proj")(out_BTNH)
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    gate_BTF = _Proj(cfg, (D, F), ("embed", "mlp"), "btd,df->btf", name="gate_proj")(x_BTD)
+    up_BTF = _Proj(cfg, (D, F), ("embed", "mlp"), "btd,df->btf", name="up_proj")(x_BTD)
+    h_BTF = nn.silu(gate_BTF) * up_BTF
+    h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "act_mlp"))
+    out_BTD = _Proj(cfg, (F, D), ("mlp", "embed"), "btf,fd->btd", name="down_proj")(h_BTF)
+    return checkpoint_name(out_BTD, "mlp_out")
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+    cfg = self.cfg
+    h = LayerNorm(cfg, cfg.norm_bias, name="input_layernorm")(x_BTD)
+    x_BTD = x_BTD + SelfAttention(cfg, name="self_attn")(h, segment_ids_BT, positions_BT)
+    h = LayerNorm(cfg, cfg.norm_bias, name="post_attention_layernorm")(x_BTD)
+    x_BTD = x_BTD + MLP(cfg, name="mlp")(h)
+    return nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
+
+
+class _ScanBlock(Block):
+  """Block with the (carry, _) signature nn.scan wants."""
+
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+    return super().__call__(x_BTD, segment_ids_BT, positions_BT), None
+
+
+def remat_policy(name: str):
+  """Named remat policies; `None` means no rematerialization."""
+  cp = jax.checkpoint_policies
+  return {
+      "none": None,
+      "full": cp.nothing_saveable,
+      "dots_saveable": cp.dots_saveable,
+      "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
+      "save_attn_mlp_out": cp.save_only_these_names("attn_out", "mlp_out"),
+  }[name]
+
+
+class StableLM(nn.Module):
+  """Returns fp32 logits [B, T, V], or the final hidden states when `return_hidden`."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, return_hidden: bool = False):
+    cfg = self.cfg
+    B, T = tokens_BT.shape
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+    x_BTD = Embed(cfg, name="embed_tokens")(tokens_BT)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
+
+    policy = remat_policy(cfg.remat)
+    if cfg.scan_layers:
+      block = _ScanBlock
+      if cfg.remat != "none":
+        block = nn.remat(block, policy=policy, prevent_cse=False)
+      x_BTD, _ = nn.scan(
+          block,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="layers")(x_BTD, segment_ids_BT, positions_BT)
+    else:
+      block = Block
+      if cfg.remat != "none":
+        block = nn.remat(block, policy=policy)
+      for i in range(cfg.num_layers):
+        x_BTD = block(cfg, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
+
+    x_BTD = LayerNorm(cfg, True, name="norm")(x_BTD)
+    if return_hidden:
+      return x_BTD
+    return LMHead(cfg, name="lm_head")(x_BTD)
+
+
+class Embed(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT):
+    cfg = self.cfg
+    embedding_VD = _param(self, "embedding", nn.initializers.normal(cfg.init_std),
+                          (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+    return jnp.take(embedding_VD, tokens_BT, axis=0).astype(_dtype(cfg.dtype))
+
+
+class LMHead(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    kernel_DV = _param(self, "kernel", nn.initializers.normal(cfg.init_std),
+                       (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+    return lm_logits(x_BTD, kernel_DV, cfg.dtype)
+
+
+def lm_logits(x_BTD: jax.Array, head_DV: jax.Array, dtype: str) -> jax.Array:
+  """LM-head matmul in the compute dtype, logits returned in fp32 for the softmax."""
+  dt = _dtype(dtype)
+  logits_BTV = jnp.einsum("btd,dv->btv", x_BTD.astype(dt), head_DV.astype(dt))
+  return nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+
+def param_count(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def abstract_params(cfg: ModelConfig, batch: int = 1, seq: int = 8):
+  """Boxed (logically partitioned) parameter shapes, without allocating anything."""
+  model = StableLM(cfg)
+  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+  return jax.eval_shape(functools.partial(model.init, return_hidden=False), jax.random.key(0), tokens)["params"]

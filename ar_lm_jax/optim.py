@@ -1,0 +1,281 @@
+"""The optimizer of the recipe: a multi-phase learning-rate schedule and masked AdamW.
+
+A schedule is a list of phases (`optim.phases`), each one of
+
+  linear_warmup  a -> b on a straight line (b >= a)
+  constant       holds a (its end_lr must equal a)
+  cosine         a -> b along a half cosine:  b + (a - b) * (1 + cos(pi * s / L)) / 2
+  inverse_sqrt   a -> b as a genuine 1/sqrt:  a / sqrt(1 + s / tau),  tau = L / ((a / b)**2 - 1)
+  linear_decay   a -> b on a straight line (b <= a)
+
+where s is the step within the phase, L its length, a the lr it starts at (the
+previous phase's end_lr, or optim.init_lr for the first) and b its own end_lr. So
+consecutive phases always join: no phase can jump. After the last phase the lr
+holds at its end_lr. Step t is the update whose lr is schedule(t); optax counts
+updates from 0, so schedule(0) == init_lr.
+
+The schedule is a pure function of the step. A run that decides at step 250k to
+start cooling down at 300k edits its phases and resumes: nothing about the
+schedule lives in the checkpoint, and the optimizer state has the same structure
+for every schedule. As long as the phases before the resume step are unchanged
+the lr is continuous across the resume.
+
+How this relates to gpt-neox `hybrid_cosine_inv_sqrt`. Stable LM 2's public
+config (Stability-AI/StableLM configs/stablelm-2-1_6b.yml) sets lr 1e-3,
+min_lr 1e-4, warmup 0.018, `lr-decay-style: hybrid_cosine_inv_sqrt_2` and
+`cooldown: 0.` over 540k iterations. The code of that decay style lives in
+Stability's gpt-neox fork and was not available to us; the technical report
+(arXiv 2402.17834) describes it as a linear warmup, then a cosine decay, then an
+inverse square-root tail alpha / sqrt(t + beta) with alpha and beta set so that
+the pieces join, optionally followed by a linear cooldown. Ours is the same
+family: our inverse_sqrt phase a / sqrt(1 + s / tau) is alpha / sqrt(t + beta)
+with alpha = a * sqrt(tau) and beta = tau - t_start. The differences: (1) we pin
+each piece by its two end values and its length (the readable thing to put in a
+config), where gpt-neox derives the tail from the join; (2) our half-cosine ends
+flat, so the join into the inverse-sqrt tail is continuous but not
+differentiable (a kink of slope a / (2 tau)); (3) the point where the cosine
+hands over and the lr it hands over at are not in the public config, so
+`stablelm2_pretrain_phases` exposes them as arguments with documented defaults.
+
+Weight decay is decoupled (AdamW: p -= lr * wd * p), as in gpt-neox's fused
+Adam. `decay_mask` decides per leaf by path name: matrices (`kernel`) decay;
+biases, LayerNorm scales and biases never do; the input embedding and the LM head
+decay iff `optim.decay_embeddings` (gpt-neox decays them, hence the default).
+
+This module imports only `ar_lm_jax.config`, jax, numpy and optax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ar_lm_jax.config import ConfigError, OptimConfig, PhaseConfig
+
+# Modules whose matrices follow `optim.decay_embeddings` rather than the default.
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+# Leaf names that are weight matrices (decayed); every other leaf (bias, scale, ...) is not.
+MATRIX_LEAVES = ("kernel", "embedding")
+
+
+# ---------------------------------------------------------------------------
+# Schedule.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+  """One phase resolved to steps [start, end) and the lr at both ends."""
+  kind: str
+  start: int
+  end: int
+  start_lr: float
+  end_lr: float
+
+
+def _resolve(cfg: OptimConfig, total_steps: int) -> list[_Segment]:
+  """Turns the phases into step ranges and checks that they fit and make sense."""
+  if total_steps < 0:
+    raise ConfigError(f"train.steps: must be >= 0, got {total_steps}")
+  exact = [float(p.steps) if p.steps > 0 else p.fraction * total_steps for p in cfg.phases]
+  exact_total = sum(exact)
+  # A small tolerance only absorbs float error in fractions that sum to 1.
+  if exact_total > total_steps + 1e-6 * max(total_steps, 1):
+    lengths = ", ".join(f"{p.kind}={e:g}" for p, e in zip(cfg.phases, exact))
+    raise ConfigError(f"optim.phases: the phases last {exact_total:g} steps ({lengths}), "
+                      f"more than train.steps={total_steps}")
+  # Round the cumulative boundaries, not each length, so that fractions summing to 1
+  # end exactly at total_steps.
+  ends = np.minimum(np.rint(np.cumsum(exact)).astype(np.int64), total_steps)
+  segments, start, lr = [], 0, float(cfg.init_lr)
+  for i, (phase, end) in enumerate(zip(cfg.phases, ends)):
+    key = f"optim.phases[{i}]"
+    a, b = lr, float(phase.end_lr)
+    if phase.kind == "linear_warmup" and b < a:
+      raise ConfigError(f"{key}: a linear_warmup phase must not decrease (from {a:g} to {b:g}); use linear_decay")
+    if phase.kind in ("linear_decay", "inverse_sqrt") and b > a:
+      raise ConfigError(f"{key}: a {phase.kind} phase must not increase (from {a:g} to {b:g})")
+    if phase.kind == "constant" and not math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0):
+      raise ConfigError(f"{key}: a constant phase holds the lr it starts at ({a:g}); set its end_lr to {a:g}, not {b:g}")
+    segments.append(_Segment(phase.kind, start, int(end), a, b))
+    start, lr = int(end), b
+  return segments
+
+
+def _phase_lr(seg: _Segment, t: jax.Array) -> jax.Array:
+  """The lr of one phase at (float) steps t, with t clipped into the phase."""
+  a, b = seg.start_lr, seg.end_lr
+  u = jnp.clip((t - seg.start) / (seg.end - seg.start), 0.0, 1.0)  # progress through the phase
+  if seg.kind in ("linear_warmup", "linear_decay"):
+    return a + (b - a) * u
+  if seg.kind == "constant":
+    return jnp.full_like(u, a)
+  if seg.kind == "cosine":
+    return b + (a - b) * 0.5 * (1.0 + jnp.cos(jnp.pi * u))
+  if seg.kind == "inverse_sqrt":
+    # a / sqrt(1 + s / tau) with s = u * L and tau = L / ((a/b)^2 - 1); a == b is a constant.
+    return a * jax.lax.rsqrt(1.0 + u * ((a / b) ** 2 - 1.0))
+  raise AssertionError(seg.kind)  # PhaseConfig has already validated the kind
+
+
+def build_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+  """The lr as a jit-able function of the update step (int or int array), in float32.
+
+  `total_steps` is train.steps: fractions resolve against it, and the phases must
+  fit in it (ConfigError naming optim.phases otherwise); a shorter schedule holds
+  its last end_lr until the end.
+  """
+  segments = _resolve(cfg, total_steps)
+  final_lr = segments[-1].end_lr
+
+  def schedule(step):
+    t = jnp.maximum(jnp.asarray(step, jnp.float32), 0.0)
+    lr = jnp.full(t.shape, final_lr, jnp.float32)
+    # Later phases first, so that each earlier phase overrides the steps before its end.
+    for seg in reversed(segments):
+      if seg.end > seg.start:  # a phase rounded to 0 steps only moves the lr it hands on
+        lr = jnp.where(t < seg.end, _phase_lr(seg, t), lr)
+    return lr
+
+  return schedule
+
+
+def phase_boundaries(cfg: OptimConfig, total_steps: int) -> list[tuple[str, int, int]]:
+  """(kind, start step, end step) of every phase, in order, for plots and logs."""
+  return [(s.kind, s.start, s.end) for s in _resolve(cfg, total_steps)]
+
+
+# ---------------------------------------------------------------------------
+# Presets: the recipes as phase lists, used by experiments/configs.
+
+
+def stablelm2_pretrain_phases(peak_lr: float = 1e-3, min_lr: float = 1e-4, *,
+                              warmup_fraction: float = 0.018,
+                              cosine_fraction: float = 0.25,
+                              handover_lr: float | None = None,
+                              cooldown_fraction: float = 0.0) -> tuple[PhaseConfig, ...]:
+  """Stable LM 2 1.6B's pre-training schedule, in the shape of gpt-neox `hybrid_cosine_inv_sqrt`.
+
+  Public values (configs/stablelm-2-1_6b.yml): peak 1e-3, min 1e-4, warmup 1.8% of
+  the run, no cooldown. Not public, so our choices: the cosine runs for
+  `cosine_fraction` of the run after the warmup and hands over at `handover_lr`
+  (default sqrt(peak * min), 3.16e-4: the two decays then each cover half of the
+  decade in log space); the inverse-sqrt tail then reaches min_lr at the end of
+  the run, or at the start of an optional linear cooldown to 0 over
+  `cooldown_fraction` of the run (gpt-neox's `cooldown` key). All lengths are
+  fractions of train.steps (540k in the original run).
+  """
+  handover = math.sqrt(peak_lr * min_lr) if handover_lr is None else handover_lr
+  tail = 1.0 - warmup_fraction - cosine_fraction - cooldown_fraction
+  if not (min_lr <= handover <= peak_lr and min_lr > 0):
+    raise ConfigError(f"optim.phases: need 0 < min_lr <= handover_lr <= peak_lr, got {min_lr:g}, {handover:g}, {peak_lr:g}")
+  if tail <= 0 or min(warmup_fraction, cosine_fraction) <= 0 or cooldown_fraction < 0:
+    raise ConfigError("optim.phases: warmup and cosine fractions must be > 0 and leave room for the inverse-sqrt tail")
+  phases = (
+      PhaseConfig("linear_warmup", fraction=warmup_fraction, end_lr=peak_lr),
+      PhaseConfig("cosine", fraction=cosine_fraction, end_lr=handover),
+      PhaseConfig("inverse_sqrt", fraction=tail, end_lr=min_lr),
+  )
+  if cooldown_fraction > 0:
+    phases += (PhaseConfig("linear_decay", fraction=cooldown_fraction, end_lr=0.0),)
+  return phases
+
+
+def ar_stablelm2_phases(peak_lr: float = 3e-4, floor_lr: float = 1e-4, *,
+                        warmup_steps: int = 5_000,
+                        cosine_steps: int = 95_000,
+                        main_steps: int = 300_000,
+                        cooldown_steps: int = 200_000) -> tuple[PhaseConfig, ...]:
+  """The Arabic stage: 300k steps of warmup + cosine + inverse-sqrt, then 200k of linear cooldown to 0.
+
+  Published (ar-stablelm-2-base card): 500k steps, 300k "with a cosine and inverse
+  square-root schedule", then 200k of linear ("early") cooldown. Everything else
+  here is our choice:
+
+  - Warmup: 0 -> peak over `warmup_steps` (5k, 1% of the stage), with init_lr 0.
+    The run starts from the released Hugging Face weights, which carry no Adam
+    moments, so the optimizer is re-warmed from scratch: at lr 0 the first update
+    only fills the moments, and the ramp keeps the first steps on a new data mix
+    (the Arabic share is new to the model) from taking full-size steps with
+    still-noisy second-moment estimates.
+  - Peak `peak_lr` = 3e-4 (not published). The base model's own schedule peaked
+    at 1e-3 and ended at ~1e-4. Continued pre-training studies (Gupta et al. 2023,
+    "How to (re)warm your model?"; Ibrahim et al. 2024, "Simple and scalable
+    strategies to continually pre-train LLMs") find that re-warming is needed to
+    learn a shifted distribution, and that the higher the re-warmed peak, the more
+    the old distribution is forgotten, which replay (here ~84% English) offsets.
+    Re-warming to 1e-4 would barely move the model on Arabic; to the full 1e-3
+    would discard the most English for a stage that is 16x shorter than
+    pre-training. 3e-4 is about the geometric mean of the base run's peak and
+    floor, i.e. the lr that run passed through when its cosine handed over to its
+    inverse-sqrt tail (see `stablelm2_pretrain_phases`): a point the weights have
+    already been trained stably at. Treat it as the first knob of a sweep.
+  - Cosine from peak to sqrt(peak * floor) (1.73e-4) over `cosine_steps`, then an
+    inverse-sqrt tail to `floor_lr` (1e-4, the base model's min_lr) at step
+    `main_steps`; the cooldown then goes linearly to 0 over `cooldown_steps`.
+    The lr never rises after the warmup.
+  """
+  if not (0 < floor_lr <= peak_lr):
+    raise ConfigError(f"optim.phases: need 0 < floor_lr <= peak_lr, got {floor_lr:g} and {peak_lr:g}")
+  if min(warmup_steps, cosine_steps, cooldown_steps) <= 0 or warmup_steps + cosine_steps >= main_steps:
+    raise ConfigError(f"optim.phases: need positive lengths and warmup_steps + cosine_steps < main_steps, got "
+                      f"{warmup_steps} + {cosine_steps} vs {main_steps}")
+  return (
+      PhaseConfig("linear_warmup", steps=warmup_steps, end_lr=peak_lr),
+      PhaseConfig("cosine", steps=cosine_steps, end_lr=math.sqrt(peak_lr * floor_lr)),
+      PhaseConfig("inverse_sqrt", steps=main_steps - warmup_steps - cosine_steps, end_lr=floor_lr),
+      PhaseConfig("linear_decay", steps=cooldown_steps, end_lr=0.0),
+  )
+
+
+# ---------------------------------------------------------------------------
+# Weight-decay mask and the optimizer.
+
+
+def _path_names(path: tuple[Any, ...]) -> list[str]:
+  """The dict keys along a pytree path; attribute keys (e.g. a Partitioned box's `value`) are skipped."""
+  return [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
+def _decays(names: list[str], decay_embeddings: bool) -> bool:
+  if not names or names[-1] not in MATRIX_LEAVES:
+    return False  # biases (q/k/v, LayerNorm) and LayerNorm scales, and anything that is not a matrix
+  if any("norm" in n for n in names[:-1]):
+    return False
+  if any(n in EMBEDDING_MODULES for n in names[:-1]):
+    return decay_embeddings
+  return True
+
+
+def decay_mask(params: Any, decay_embeddings: bool = True) -> Any:
+  """A pytree of bools shaped like `params`: True where weight decay applies.
+
+  Decided by path names, so it works for scanned (`layers/...`, leading layer
+  axis) and unrolled (`layers_0/...`) trees alike, with or without the top-level
+  'params' key. Boxed (Partitioned) leaves give boxed bools.
+  """
+  return jax.tree_util.tree_map_with_path(lambda path, _: _decays(_path_names(path), decay_embeddings), params)
+
+
+def build_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW with the phase schedule and the weight-decay mask.
+
+  The state is a flat 4-tuple, the same for every setting (clip_norm 0 included)
+  so that a run can change them and resume:
+    (clip: EmptyState, ScaleByAdamState(count, mu, nu), MaskedState(EmptyState), ScaleByScheduleState(count))
+  mu and nu mirror the params (float32), e.g. to shard them over the data axis.
+  """
+  schedule = build_schedule(cfg, total_steps)
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(),
+      optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+      # Decoupled decay, added after Adam's normalization and scaled by the lr below: p -= lr * (adam + wd * p).
+      optax.add_decayed_weights(cfg.weight_decay, mask=functools.partial(decay_mask, decay_embeddings=cfg.decay_embeddings)),
+      optax.scale_by_learning_rate(schedule),
+  )

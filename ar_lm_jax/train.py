@@ -1,0 +1,163 @@
+"""The train state, the pure train step, and the loop that composes the library's parts.
+
+config -> (tokenizer -> data) and (model -> sharding -> optim) -> train step -> checkpoint/metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ar_lm_jax import loss as loss_lib
+from ar_lm_jax import optim, sharding
+from ar_lm_jax.config import Config
+from ar_lm_jax.model import StableLM, abstract_params
+
+State = dict  # {"step", "params", "opt_state", "skipped_steps"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything about a run that is derived from the config and the devices, and holds no arrays."""
+  cfg: Config
+  mesh: Mesh
+  model: StableLM
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: State  # ShapeDtypeStructs
+  state_shardings: State  # NamedShardings, same structure
+
+  @contextlib.contextmanager
+  def activate(self):
+    """The mesh and logical-axis rules that activation constraints resolve against while tracing."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.logical_rules(self.cfg.mesh)):
+      yield
+
+
+def build(cfg: Config, devices=None) -> Setup:
+  """Mesh, model, optimizer and the abstract sharded train state; allocates nothing."""
+  mesh = sharding.make_mesh(cfg, devices)
+  model = StableLM(cfg.model)
+  tx = optim.build_optimizer(cfg.optim, cfg.train.steps)
+  schedule = optim.build_schedule(cfg.optim, cfg.train.steps)
+  boxed = abstract_params(cfg.model)
+  params_abs = nn.meta.unbox(boxed)
+  params_sh = sharding.param_shardings(boxed, mesh, cfg.mesh)
+  opt_abs = jax.eval_shape(tx.init, params_abs)
+  opt_sh = sharding.opt_state_shardings(tx, opt_abs, params_sh, params_abs, mesh, cfg.mesh.shard_optimizer_over_data)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  replicated = NamedSharding(mesh, P())
+  abstract_state = {"step": scalar, "params": params_abs, "opt_state": opt_abs, "skipped_steps": scalar}
+  state_shardings = {"step": replicated, "params": params_sh, "opt_state": opt_sh, "skipped_steps": replicated}
+  return Setup(cfg, mesh, model, tx, schedule, abstract_state, state_shardings)
+
+
+def init_state(setup: Setup, seed: int) -> State:
+  """Initializes parameters and optimizer state directly into their shardings."""
+  cfg = setup.cfg
+
+  def init_fn(key):
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = nn.meta.unbox(setup.model.init(key, tokens)["params"])
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": setup.tx.init(params),
+            "skipped_steps": jnp.zeros((), jnp.int32)}
+
+  return jax.jit(init_fn, out_shardings=setup.state_shardings)(jax.random.key(seed))
+
+
+def state_from_params(setup: Setup, params: Any) -> State:
+  """A fresh step-0 state around given parameters (e.g. loaded from Hugging Face), placed in the run's shardings."""
+  params = jax.device_put(params, setup.state_shardings["params"])
+
+  def fn(params):
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": setup.tx.init(params),
+            "skipped_steps": jnp.zeros((), jnp.int32)}
+
+  return jax.jit(fn, out_shardings=setup.state_shardings, donate_argnums=0)(params)
+
+
+def loss_sums(model: StableLM, params, batch: dict, cfg: Config):
+  """(sum of NLL, sum of log(Z)^2) over the batch's scored positions."""
+  hidden_BTD = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], return_hidden=True)
+  targets_BT, mask_BT = loss_lib.targets_and_mask(batch["tokens"], batch["segment_ids"])
+  return loss_lib.nll_sums(hidden_BTD, params["lm_head"]["kernel"], targets_BT, mask_BT, cfg.model.dtype, cfg.train.loss_chunk_size)
+
+
+def train_step(state: State, batch: dict, *, model: StableLM, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, cfg: Config) -> tuple[State, dict]:
+  """One optimizer update over `optim.grad_accum_steps` micro-batches; a pure function of (state, batch).
+
+  The loss is the mean NLL over every scored token of the whole batch, so
+  accumulating micro-batches gives the same update as one large batch. A step
+  whose loss or gradient is not finite leaves params and optimizer state unchanged.
+  """
+  accum = cfg.optim.grad_accum_steps
+  _, mask_BT = loss_lib.targets_and_mask(batch["tokens"], batch["segment_ids"])
+  n_tokens = jnp.maximum(jnp.sum(mask_BT), 1).astype(jnp.float32)
+  z = cfg.optim.z_loss
+
+  def objective(params, micro):
+    s_nll, s_z = loss_sums(model, params, micro, cfg)
+    return (s_nll + z * s_z) / n_tokens, s_nll
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  params = state["params"]
+  if accum == 1:
+    (_, s_nll), grads = grad_fn(params, batch)
+  else:
+    # [B, T] -> [A, B/A, T] taking every A-th row, so each micro-batch keeps the batch's data sharding.
+    def split(x_BT):
+      b = x_BT.shape[0] // accum
+      x = jnp.swapaxes(x_BT.reshape(b, accum, *x_BT.shape[1:]), 0, 1)
+      return jax.lax.with_sharding_constraint(x, P(None, sharding.DATA))
+
+    micro_batches = jax.tree.map(split, batch)
+
+    def body(carry, micro):
+      g_acc, nll_acc = carry
+      (_, s_nll), g = grad_fn(params, micro)
+      return (jax.tree.map(jnp.add, g_acc, g), nll_acc + s_nll), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, s_nll), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro_batches)
+
+  loss = s_nll / n_tokens
+  grad_norm = optax.global_norm(grads)
+  updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+  new_params = optax.apply_updates(params, updates)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  new_state = {
+      "step": state["step"] + 1,
+      "params": keep(new_params, params),
+      "opt_state": keep(new_opt_state, state["opt_state"]),
+      "skipped_steps": state["skipped_steps"] + (1 - ok.astype(jnp.int32)),
+  }
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": n_tokens,
+             "finite": ok, "skipped_steps": new_state["skipped_steps"]}
+  return new_state, metrics
+
+
+def jit_train_step(setup: Setup) -> Callable:
+  """The train step jitted with explicit shardings, donating the old state."""
+  step = functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule, cfg=setup.cfg)
+  batch_sh = sharding.batch_sharding(setup.mesh)
+  batch_shardings = {"tokens": batch_sh, "segment_ids": batch_sh, "positions": batch_sh}
+  replicated = NamedSharding(setup.mesh, P())
+  return jax.jit(step, in_shardings=(setup.state_shardings, batch_shardings),
+                 out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
+
+
+def abstract_batch(cfg: Config) -> dict:
+  shape = (cfg.data.batch_size, cfg.data.seq_len)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "segment_ids", "positions")}

@@ -1,0 +1,24 @@
+"""`tiny`: every StableLM 2 feature and the real 100352-row vocab, sized for a 2-core CPU.
+
+The default of `python -m experiments.train`: trains on the bundled bilingual
+sample in a couple of minutes.
+"""
+
+from ar_lm_jax.config import (CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, PhaseConfig,
+                              TrainConfig)
+
+
+def get_config() -> Config:
+  return Config(
+      name="tiny",
+      model=ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=176,
+                        max_position_embeddings=512),
+      data=DataConfig(seq_len=128, batch_size=8, prefetch=2),
+      optim=OptimConfig(
+          init_lr=0.0,
+          phases=(PhaseConfig("linear_warmup", fraction=0.05, end_lr=3e-3),
+                  PhaseConfig("cosine", fraction=0.95, end_lr=3e-4)),
+      ),
+      train=TrainConfig(steps=200, log_every=10, eval_every=100),
+      checkpoint=CheckpointConfig(every_steps=100, keep=2),
+  )

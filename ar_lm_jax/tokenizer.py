@@ -170,14 +170,15 @@ class Arcade100k:
   Instances are cheap: the parsed ranks and compiled encoding are shared per ranks
   file within a process. Pickling stores only (ranks_path, num_threads), so an
   instance can be sent to grain worker processes; each worker re-loads the file
-  once (~1 s) on first unpickling.
+  once (a fraction of a second) on first unpickling.
   """
 
   def __init__(self, ranks_path: str | None = None, num_threads: int = 8):
-    self._explicit_path = ranks_path
-    resolved = default_ranks_path() if ranks_path is None else ranks_path
-    self.ranks_path = os.path.abspath(os.fspath(resolved))
+    # Absolute, so a pickled instance still finds the file from another working directory.
+    self._explicit_path = None if ranks_path is None else os.path.abspath(os.fspath(ranks_path))
+    self.ranks_path = self._explicit_path or os.path.abspath(default_ranks_path())
     self.num_threads = num_threads
+    # Shared with every instance on the same file: treat as read-only.
     self.mergeable_ranks, self.encoding = _load_encoding(self.ranks_path)
     self.special_tokens: dict[str, int] = _special_ids()
     self.eos_id = EOS_ID

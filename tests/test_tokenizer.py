@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pathlib
 import pickle
 import shutil
 import unicodedata
@@ -64,8 +65,7 @@ def test_constants(tok):
 
 def test_default_ranks_file_is_bundled_and_verified():
   path = default_ranks_path()
-  with open(path, "rb") as f:
-    assert hashlib.sha256(f.read()).hexdigest() == CL100K_SHA256
+  assert hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() == CL100K_SHA256
 
 
 def test_digits_are_single_tokens(tok):
@@ -204,7 +204,7 @@ def test_missing_ranks_file(tmp_path):
 def test_hash_mismatch(tmp_path):
   # A file that claims to be cl100k_base must have its known sha256.
   # An extra blank line still parses, so only the hash check can reject it.
-  data = open(default_ranks_path(), "rb").read() + b"\n"
+  data = pathlib.Path(default_ranks_path()).read_bytes() + b"\n"
   path = tmp_path / "cl100k_base.tiktoken"
   path.write_bytes(data)
   actual = hashlib.sha256(data).hexdigest()
@@ -231,7 +231,7 @@ def test_malformed_ranks_file(tmp_path, content, needle):
 
 def test_wrong_rank_set(tmp_path):
   # Right count, wrong ranks (a gap and an out-of-range rank).
-  lines = open(default_ranks_path(), "rb").read().splitlines()
+  lines = pathlib.Path(default_ranks_path()).read_bytes().splitlines()
   token, _ = lines[5].split()
   lines[5] = token + b" 999999"
   path = tmp_path / "arcade100k.tiktoken"

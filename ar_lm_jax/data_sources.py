@@ -1,0 +1,499 @@
+"""Reading documents from the formats real corpora come in, as resumable grain datasets.
+
+A source (`SourceConfig`) is a file, a glob or a directory of one format:
+
+- JSONL (`.jsonl`, `.json`, `.ndjson`), plain or compressed (`.gz`, `.zst`), one record per line;
+  the document is the string in `text_field`.
+- Parquet: the document is the string column `text_field`.
+- Plain text (`.txt`, also `.gz`/`.zst`): a document per line, or per blank-line-separated
+  paragraph (`text_unit`).
+- ArrayRecord shards of pre-tokenized documents (little-endian int32 ids, no EOS), written by
+  `python -m tools.prepare_data`; a directory holding its `manifest.json` reads the complete shards.
+
+Everything a pipeline reads becomes a stream of *blocks*: a few dozen documents tokenized and
+concatenated, each followed by EOS, `{"tokens": int32[n], "lengths": int32[docs],
+"skipped": int64[len(SKIP_REASONS)]}`. Bad records never stop a run: they are dropped and counted
+per reason in `skipped`, which travels with the data so that the counts survive grain worker
+processes and checkpoints.
+
+Per-host sharding: ArrayRecord records are dealt out by index (`records[p::P]`). Streamed files
+are dealt out whole when their count is a multiple of the process count, and otherwise every
+process reads every file and keeps records `i % P == p` (decompressing is cheap next to
+tokenizing, and this keeps hosts balanced).
+
+Order: ArrayRecord is shuffled globally, anew each epoch (grain's per-epoch index shuffle).
+Streamed sources reshuffle their file order each epoch, read a few files at a time interleaved,
+and shuffle documents within windows of `DataConfig.shuffle_window`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import gzip
+import io
+import itertools
+import json
+import os
+import zlib
+from typing import Any, Iterator, Optional, Sequence
+
+import grain
+import numpy as np
+import zstandard
+
+from ar_lm_jax.config import ConfigError, SourceConfig
+from ar_lm_jax.tokenizer import Arcade100k
+
+SKIP_REASONS = ("malformed_json", "missing_field", "empty", "invalid_utf8", "truncated_file", "bad_record")
+_REASON = {r: i for i, r in enumerate(SKIP_REASONS)}
+END_OF_FILE = -1  # marker a file reader yields once per pass, so a stream of empty files never stalls
+
+MANIFEST = "manifest.json"
+RECORD_DTYPE = np.dtype("<i4")  # pre-tokenized ids on disk
+DOCS_PER_BLOCK = 64  # documents tokenized together, and the granularity of a packer's checkpoint
+_FILES_OPEN_PER_SOURCE = 4  # streamed files a source reads interleaved at a time
+_PROBE_RECORDS = 1000  # records read at start-up to check that a streamed source has usable documents
+_EXTENSIONS = {
+    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".parquet": "parquet", ".pq": "parquet",
+    ".txt": "text", ".text": "text",
+    ".array_record": "arrayrecord", ".arrayrecord": "arrayrecord",
+}
+_COMPRESSED = (".gz", ".zst", ".zstd")
+_GZIP_MAGIC, _ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
+
+
+def _describe(src: SourceConfig, index: int) -> str:
+  return f"data.sources[{index}] (lang={src.lang}, path={src.path!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedSource:
+  """A source's files, format and reading options, checked at start-up."""
+  index: int  # position in DataConfig.sources
+  lang: str
+  format: str  # jsonl, parquet, text or arrayrecord
+  files: tuple[str, ...]
+  text_field: str
+  text_unit: str
+
+  @property
+  def name(self) -> str:
+    return f"{self.index}:{self.lang}"
+
+
+# ---------------------------------------------------------------------------
+# Resolving paths and formats (start-up; errors are ConfigError).
+
+
+def format_of(path: str) -> Optional[str]:
+  """The format a file's extension names (compression suffix ignored), or None."""
+  name = path.lower()
+  for suffix in _COMPRESSED:
+    if name.endswith(suffix):
+      name = name[: -len(suffix)]
+      fmt = _EXTENSIONS.get(os.path.splitext(name)[1])
+      return fmt if fmt in ("jsonl", "text") else None  # compressed Parquet/ArrayRecord is not a thing
+  return _EXTENSIONS.get(os.path.splitext(name)[1])
+
+
+def read_manifest(directory: str) -> Optional[dict]:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _list_path(path: str) -> list[str]:
+  if os.path.isdir(path):
+    manifest = read_manifest(path)
+    if manifest is not None:  # a prepare_data output: only the shards it completed
+      return [os.path.join(path, name) for name in sorted(manifest.get("shards", {}))]
+    files = []
+    for root, dirs, names in os.walk(path):
+      dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+      files += [os.path.join(root, n) for n in names
+                if not n.startswith(".") and not n.endswith(".tmp") and n != MANIFEST]
+    return sorted(files)
+  if glob.has_magic(path):
+    return sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+  return [path] if os.path.isfile(path) else []
+
+
+def resolve_source(src: SourceConfig, index: int, tokenizer: Optional[Arcade100k] = None,
+                   label: Optional[str] = None) -> ResolvedSource:
+  """Lists a source's files and settles its format; raises ConfigError naming the source (or `label`)."""
+  where = label or _describe(src, index)
+  path = os.path.expanduser(src.path)
+  files = _list_path(path)
+  if not files:
+    raise ConfigError(f"{where}: path matches no files")
+  fmt = src.format
+  if fmt == "auto":
+    found = {f: format_of(f) for f in files}
+    unknown = [f for f, x in found.items() if x is None]
+    if unknown:
+      raise ConfigError(f"{where}: unknown format of {unknown[0]!r} (known extensions: "
+                        f"{', '.join(sorted(_EXTENSIONS))}, with .gz/.zst for jsonl and text); set `format`")
+    kinds = sorted(set(found.values()))
+    if len(kinds) > 1:
+      raise ConfigError(f"{where}: files of several formats {kinds}; use one source per format")
+    fmt = kinds[0]
+  resolved = ResolvedSource(index, src.lang, fmt, tuple(files), src.text_field, src.text_unit)
+  if fmt == "arrayrecord":
+    _check_arrayrecord(resolved, where, tokenizer)
+  else:
+    _probe(resolved, where)
+  return resolved
+
+
+def _check_arrayrecord(src: ResolvedSource, where: str, tokenizer: Optional[Arcade100k]) -> None:
+  for directory in sorted({os.path.dirname(f) for f in src.files}):
+    manifest = read_manifest(directory)
+    if manifest is None or tokenizer is None:
+      continue
+    made_with = manifest.get("tokenizer", {})
+    if made_with.get("eos_id") != tokenizer.eos_id or made_with.get("n_vocab") != tokenizer.n_vocab:
+      raise ConfigError(f"{where}: shards in {directory} were tokenized with {made_with}, but data.tokenizer_path "
+                        f"gives eos_id={tokenizer.eos_id}, n_vocab={tokenizer.n_vocab}")
+  try:
+    n = len(grain.sources.ArrayRecordDataSource(list(src.files)))
+  except Exception as e:  # array_record raises bare RuntimeErrors for files that are not ArrayRecord
+    raise ConfigError(f"{where}: cannot open as ArrayRecord: {e}") from None
+  if n == 0:
+    raise ConfigError(f"{where}: the ArrayRecord shards hold no records")
+
+
+def _probe(src: ResolvedSource, where: str) -> None:
+  """Fails fast when the first records hold no usable document (a wrong text_field, say)."""
+  skipped = np.zeros(len(SKIP_REASONS), np.int64)
+  seen = 0
+  for path in src.files[:10]:
+    if src.format == "parquet":
+      _check_parquet_column(path, src.text_field, where)
+    for item, _, _ in read_records(src, path, 0, 1):
+      if isinstance(item, str):
+        return
+      if item != END_OF_FILE:
+        skipped[item] += 1
+      seen += 1
+      if seen >= _PROBE_RECORDS:
+        break
+    if seen >= _PROBE_RECORDS:
+      break
+  counts = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
+  raise ConfigError(f"{where}: no usable document in its first {seen} records (skipped: {counts or 'none'}); "
+                    f"check format={src.format!r} and text_field={src.text_field!r}")
+
+
+def _check_parquet_column(path: str, field: str, where: str) -> None:
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  try:
+    names = pq.ParquetFile(path).schema_arrow.names
+  except Exception as e:  # pyarrow raises ArrowInvalid and friends for non-Parquet files
+    raise ConfigError(f"{where}: cannot read {path!r} as Parquet: {e}") from None
+  if field not in names:
+    raise ConfigError(f"{where}: {path!r} has no column {field!r} (columns: {names}); set text_field")
+
+
+# ---------------------------------------------------------------------------
+# Reading records from one file, resumably. A record is a document (str) or a skip reason (int).
+
+
+def _open_binary(path: str) -> tuple[io.BufferedIOBase, bool]:
+  """Opens a file for binary reading, decompressing gzip or zstd (sniffed from the magic bytes).
+
+  Returns the stream and whether it is compressed (compressed streams cannot seek).
+  """
+  raw = open(path, "rb")
+  head = raw.peek(4)[:4]
+  if head.startswith(_GZIP_MAGIC):
+    return gzip.GzipFile(fileobj=raw, mode="rb"), True
+  if head.startswith(_ZSTD_MAGIC):
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+    return io.BufferedReader(reader, buffer_size=1 << 20), True
+  return raw, False
+
+
+def _skip_bytes(f: io.BufferedIOBase, n: int) -> None:
+  """Decompresses and discards `n` bytes."""
+  while n > 0:
+    chunk = f.read(min(n, 1 << 22))
+    if not chunk:
+      raise EOFError("file ended before the checkpointed offset")
+    n -= len(chunk)
+
+
+def _parse_json(line: bytes, field: str) -> str | int:
+  try:
+    record = json.loads(line)
+  except UnicodeDecodeError:
+    return _REASON["invalid_utf8"]
+  except ValueError:
+    return _REASON["malformed_json"]
+  text = record.get(field) if isinstance(record, dict) else None
+  if not isinstance(text, str):
+    return _REASON["missing_field"]
+  return _check_text(text)
+
+
+def _check_text(text: str) -> str | int:
+  if not text or text.isspace():
+    return _REASON["empty"]
+  if not text.isascii():
+    try:
+      text.encode("utf-8")  # JSON escapes can smuggle in lone surrogates
+    except UnicodeEncodeError:
+      return _REASON["invalid_utf8"]
+  return text
+
+
+def _parse_text(raw: bytes) -> str | int:
+  try:
+    return _check_text(raw.decode("utf-8"))
+  except UnicodeDecodeError:
+    return _REASON["invalid_utf8"]
+
+
+def _raw_records(f: io.BufferedIOBase, unit: str) -> Iterator[tuple[bytes, int]]:
+  """Non-blank lines (or paragraphs) with the length in bytes each consumed, separators included."""
+  if unit == "line":
+    for line in f:
+      if line.strip():
+        yield line, len(line)
+      else:
+        yield b"", len(line)
+    return
+  lines, size = [], 0
+  for line in f:
+    size += len(line)
+    if line.strip():
+      lines.append(line)
+    elif lines:
+      yield b"".join(lines), size
+      lines, size = [], 0
+    else:
+      yield b"", size
+      size = 0
+  if lines:
+    yield b"".join(lines), size
+
+
+def read_records(src: ResolvedSource, path: str, shard: int, num_shards: int,
+                 record: int = 0, offset: int = 0) -> Iterator[tuple[str | int, int, int]]:
+  """Yields `(document or skip reason, next record index, next byte offset)` for records `i % num_shards == shard`.
+
+  Reading starts at `record` (counted over all records of the file, blank lines not counted) and,
+  for line formats, at decompressed byte `offset`, both as returned by an earlier call. A file
+  that is cut short yields `truncated_file` once and ends.
+  """
+  if src.format == "parquet":
+    yield from _parquet_records(src, path, shard, num_shards, record)
+    return
+  parse = (lambda b: _parse_json(b, src.text_field)) if src.format == "jsonl" else _parse_text
+  unit = src.text_unit if src.format == "text" else "line"
+  try:
+    f, compressed = _open_binary(path)
+    with f:
+      if offset and compressed:
+        _skip_bytes(f, offset)
+      elif offset:
+        f.seek(offset)
+      for raw, size in _raw_records(f, unit):
+        offset += size
+        if not raw:
+          continue
+        mine = record % num_shards == shard
+        record += 1
+        if mine:
+          yield parse(raw), record, offset
+  except (EOFError, OSError, zlib.error, zstandard.ZstdError):
+    yield _REASON["truncated_file"], record, offset
+
+
+def _parquet_records(src: ResolvedSource, path: str, shard: int, num_shards: int,
+                     start: int) -> Iterator[tuple[str | int, int, int]]:
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  record = start
+  try:
+    pf = pq.ParquetFile(path)
+    if src.text_field not in pf.schema_arrow.names:
+      for record in range(start, pf.metadata.num_rows):
+        if record % num_shards == shard:
+          yield _REASON["missing_field"], record + 1, 0
+      return
+    record = 0
+    for group in range(pf.num_row_groups):
+      rows = pf.metadata.row_group(group).num_rows
+      if record + rows <= start:
+        record += rows
+        continue
+      for batch in pf.iter_batches(batch_size=1024, row_groups=[group], columns=[src.text_field]):
+        values = batch.column(0)
+        if not pa.types.is_large_binary(values.type):
+          values = values.cast(pa.large_binary())  # decode ourselves, so bad UTF-8 is one skipped row
+        for value in values.to_pylist():
+          record += 1
+          if record <= start or (record - 1) % num_shards != shard:
+            continue
+          yield (_REASON["missing_field"] if value is None else _parse_text(value)), record, 0
+  except (OSError, pa.ArrowException):
+    yield _REASON["truncated_file"], max(record, start), 0
+
+
+def iter_documents(src: ResolvedSource, shard: int = 0, num_shards: int = 1,
+                   skipped: Optional[np.ndarray] = None) -> Iterator[str]:
+  """Every document of a streamed source in file order, once; skip reasons are added to `skipped`."""
+  for path in src.files:
+    for item, _, _ in read_records(src, path, shard, num_shards):
+      if isinstance(item, str):
+        yield item
+      elif skipped is not None:
+        skipped[item] += 1
+
+
+# ---------------------------------------------------------------------------
+# grain datasets.
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileShard:
+  path: str
+  shard: int  # keep records i % num_shards == shard
+  num_shards: int
+
+
+class _FileRecordsIterator(grain.DatasetIterator):
+  """Records of one file shard, then END_OF_FILE; the state is (record index, byte offset)."""
+
+  def __init__(self, src: ResolvedSource, file_shard: _FileShard):
+    super().__init__()
+    self._src, self._fs = src, file_shard
+    self._record = self._offset = 0
+    self._phase = 0  # 0 reading, 1 file done (END_OF_FILE next), 2 finished
+    self._reader: Optional[Iterator] = None
+
+  def __next__(self) -> str | int:
+    if self._phase == 0:
+      if self._reader is None:
+        fs = self._fs
+        self._reader = read_records(self._src, fs.path, fs.shard, fs.num_shards, self._record, self._offset)
+      step = next(self._reader, None)
+      if step is not None:
+        item, self._record, self._offset = step
+        return item
+      self._phase = 1
+    if self._phase == 1:
+      self._phase = 2
+      return END_OF_FILE
+    raise StopIteration
+
+  def get_state(self) -> dict[str, Any]:
+    return {"record": self._record, "offset": self._offset, "phase": self._phase}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.close_reader()
+    self._record, self._offset, self._phase = state["record"], state["offset"], state["phase"]
+
+  def close_reader(self) -> None:
+    if self._reader is not None:
+      self._reader.close()
+      self._reader = None
+
+  def close(self) -> None:
+    self.close_reader()
+    super().close()
+
+
+class _FileRecordsIterDataset(grain.IterDataset):
+
+  def __init__(self, src: ResolvedSource, file_shard: _FileShard):
+    super().__init__()
+    self._src, self._fs = src, file_shard
+
+  def __iter__(self) -> _FileRecordsIterator:
+    return _FileRecordsIterator(self._src, self._fs)
+
+
+class TokenizeBlock:
+  """grain batch_fn: records (documents and skip reasons) -> one block of tokenized documents."""
+
+  def __init__(self, tokenizer: Arcade100k):
+    self.tokenizer = tokenizer
+
+  def __call__(self, records: Sequence[str | int]) -> dict[str, np.ndarray]:
+    texts = [r for r in records if isinstance(r, str)]
+    reasons = np.array([r for r in records if isinstance(r, int) and r != END_OF_FILE], np.int64)
+    skipped = np.bincount(reasons, minlength=len(SKIP_REASONS)).astype(np.int64)
+    ids = self.tokenizer.encode_batch(texts) if texts else []
+    lengths = np.array([len(x) for x in ids], np.int32)
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
+    return _with_eos(flat, lengths, self.tokenizer.eos_id, skipped)
+
+
+class DecodeBlock:
+  """grain batch_fn: ArrayRecord records (pre-tokenized documents) -> one block."""
+
+  def __init__(self, eos_id: int, n_vocab: int):
+    self.eos_id, self.n_vocab = eos_id, n_vocab
+
+  def __call__(self, records: Sequence[bytes]) -> dict[str, np.ndarray]:
+    skipped = np.zeros(len(SKIP_REASONS), np.int64)
+    docs = []
+    for r in records:
+      if len(r) % RECORD_DTYPE.itemsize:
+        skipped[_REASON["bad_record"]] += 1
+      elif not r:
+        skipped[_REASON["empty"]] += 1
+      else:
+        docs.append(np.frombuffer(r, RECORD_DTYPE))
+    lengths = np.array([len(d) for d in docs], np.int32)
+    flat = np.concatenate(docs).astype(np.int32) if docs else np.zeros(0, np.int32)
+    if flat.size and (flat.min() < 0 or flat.max() >= self.n_vocab):  # rare: find the offending documents
+      ok = np.array([d.min() >= 0 and d.max() < self.n_vocab for d in docs])
+      skipped[_REASON["bad_record"]] += int((~ok).sum())
+      docs = [d for d, good in zip(docs, ok) if good]
+      lengths = lengths[ok]
+      flat = np.concatenate(docs).astype(np.int32) if docs else np.zeros(0, np.int32)
+    return _with_eos(flat, lengths, self.eos_id, skipped)
+
+
+def _with_eos(flat: np.ndarray, lengths: np.ndarray, eos_id: int, skipped: np.ndarray) -> dict[str, np.ndarray]:
+  ends = np.cumsum(lengths)
+  tokens = np.insert(flat, ends, np.int32(eos_id)).astype(np.int32, copy=False)
+  return {"tokens": tokens, "lengths": lengths + 1, "skipped": skipped}
+
+
+def _file_shards(src: ResolvedSource, process_index: int, process_count: int) -> list[_FileShard]:
+  if len(src.files) % process_count == 0:
+    return [_FileShard(f, 0, 1) for f in src.files[process_index::process_count]]
+  return [_FileShard(f, process_index, process_count) for f in src.files]
+
+
+def block_dataset(src: ResolvedSource, tokenizer: Arcade100k, *, seed: int, shuffle: bool, shuffle_window: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """This process's endless (epoch after epoch) stream of blocks from one source."""
+  if src.format == "arrayrecord":
+    records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(src.files)))
+    if len(records) < process_count:
+      raise ConfigError(f"data.sources[{src.index}] has {len(records)} records, fewer than the "
+                        f"{process_count} processes that each need a shard")
+    records = records[process_index::process_count]
+    if shuffle:
+      records = records.shuffle(seed=seed)
+    blocks = records.repeat().batch(DOCS_PER_BLOCK, batch_fn=DecodeBlock(tokenizer.eos_id, tokenizer.n_vocab))
+    return blocks.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  shards = _file_shards(src, process_index, process_count)
+  files = grain.MapDataset.source(shards)
+  if shuffle:
+    files = files.shuffle(seed=seed)
+  files = files.repeat().map(functools.partial(_FileRecordsIterDataset, src))
+  records = grain.experimental.InterleaveIterDataset(files, cycle_length=min(len(shards), _FILES_OPEN_PER_SOURCE))
+  if shuffle:
+    records = grain.experimental.WindowShuffleIterDataset(records, window_size=shuffle_window, seed=seed)
+  return records.batch(DOCS_PER_BLOCK, batch_fn=TokenizeBlock(tokenizer))
+

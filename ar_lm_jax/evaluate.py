@@ -1,0 +1,321 @@
+"""Held-out evaluation per language: loss, perplexity and bits per byte.
+
+How a document is scored. Its text is NFC-normalized and encoded with Arcade100k
+(no special tokens: no BOS, no EOS), then truncated to `data.seq_len` tokens.
+Token t+1 is predicted from tokens 0..t, so a document of n tokens gives n-1
+predictions: its first token has nothing to be predicted from. A language's
+loss is the mean NLL over all its predictions (documents weighted by their
+tokens), and its perplexity is exp(loss).
+
+Bits per byte are what compare across languages (Arcade100k splits Arabic into
+about three times more tokens per word than English): the NLL in bits divided by
+the UTF-8 bytes of the text that was predicted, i.e. of tokens 1..n-1.
+Arcade100k is byte-level, so these are exactly the NFC document's bytes less its
+first token's and less any truncated tail. `bytes` in the results is that
+count; `text_bytes` is the bytes of the whole NFC documents. (Dividing by
+`text_bytes` would credit the model with the unpredicted first token's bytes.)
+
+Documents are packed whole into rows of `seq_len` (first-fit decreasing), each
+with its own segment id and positions from 0, so the model's segment masking
+makes a packed document score exactly as it would alone; rows go through one
+compiled function, batch after batch, in the run's shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ar_lm_jax import checkpoint as checkpoint_lib
+from ar_lm_jax import data_sources, sharding
+from ar_lm_jax import loss as loss_lib
+from ar_lm_jax import train as train_lib
+from ar_lm_jax.config import Config, ConfigError, MeshConfig
+from ar_lm_jax.tokenizer import Arcade100k, load_tokenizer
+
+ROW_KEYS = ("tokens", "segment_ids", "positions")
+
+
+class EvalError(ValueError):
+  """Unusable evaluation input: a missing file, a malformed JSONL line, no checkpoint."""
+
+
+@dataclasses.dataclass
+class Corpus:
+  """One language's documents, tokenized and packed on the host."""
+  lang: str
+  docs: int
+  tokens: int  # predictions scored
+  bytes: int  # UTF-8 bytes of the predicted text (see the module docstring)
+  text_bytes: int  # UTF-8 bytes of the whole NFC documents
+  rows: dict[str, np.ndarray]  # tokens/segment_ids/positions [R, seq_len]
+
+
+def encode_corpus(lang: str, texts: Sequence[str], tok: Arcade100k, seq_len: int) -> Corpus:
+  ids = tok.encode_batch(list(texts))
+  kept = [np.asarray(x[:seq_len], np.int32) for x in ids]
+  n_bytes = sum(len(tok.decode_bytes(x[1:])) for x in kept)
+  text_bytes = sum(len(tok.decode_bytes(x)) for x in ids)  # byte-level BPE: the NFC text's UTF-8 bytes
+  return Corpus(lang=lang, docs=len(texts), tokens=sum(max(len(x) - 1, 0) for x in kept), bytes=n_bytes,
+                text_bytes=text_bytes, rows=pack_documents(kept, seq_len))
+
+
+def pack_documents(docs: Sequence[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+  """First-fit decreasing into rows [R, seq_len]: segment ids 1, 2, ... per document, 0 for padding."""
+  order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
+  order = [i for i in order if len(docs[i]) > 1]  # a single token predicts nothing
+  free = np.zeros(0, np.int64)
+  placed: list[list[int]] = []
+  for i in order:
+    n = len(docs[i])
+    assert n <= seq_len
+    fits = np.flatnonzero(free >= n)
+    if fits.size:
+      r = int(fits[0])
+    else:
+      r = len(placed)
+      placed.append([])
+      free = np.append(free, seq_len)
+    placed[r].append(i)
+    free[r] -= n
+  rows = {k: np.zeros((len(placed), seq_len), np.int32) for k in ROW_KEYS}
+  for r, members in enumerate(placed):
+    at = 0
+    for seg, i in enumerate(members, start=1):
+      n = len(docs[i])
+      rows["tokens"][r, at:at + n] = docs[i]
+      rows["segment_ids"][r, at:at + n] = seg
+      rows["positions"][r, at:at + n] = np.arange(n)
+      at += n
+  return rows
+
+
+class Scorer:
+  """The sum of NLL over a stack of packed rows, one compiled function for every batch."""
+
+  def __init__(self, setup: train_lib.Setup, batch_rows: int):
+    self.setup = setup
+    self.batch_rows = batch_rows
+    self.seq_len = setup.cfg.data.seq_len
+    self._batch_sharding = sharding.batch_sharding(setup.mesh)
+    fn = jax.jit(self._nll_sum, in_shardings=(setup.state_shardings["params"], {k: self._batch_sharding for k in ROW_KEYS}),
+                 out_shardings=NamedSharding(setup.mesh, P()))
+    abstract_batch = {k: jax.ShapeDtypeStruct((batch_rows, self.seq_len), jnp.int32) for k in ROW_KEYS}
+    with setup.activate():  # compiled once, here: evaluating again never recompiles
+      self._compiled = fn.lower(setup.abstract_state["params"], abstract_batch).compile()
+
+  def _nll_sum(self, params, batch):
+    s_nll, _ = train_lib.loss_sums(self.setup.model, params, batch, self.setup.cfg)
+    return s_nll
+
+  def device_batches(self, rows: dict[str, np.ndarray]) -> list[dict[str, jax.Array]]:
+    """Rows cut into [batch_rows, seq_len] global arrays, the last padded with empty rows.
+
+    Every process holds all rows, so each builds the shards it owns from the same numpy arrays.
+    """
+    B = self.batch_rows
+    n = rows["tokens"].shape[0]
+    out = []
+    for start in range(0, n, B):
+      batch = {}
+      for k in ROW_KEYS:
+        x = np.zeros((B, self.seq_len), np.int32)
+        x[:min(B, n - start)] = rows[k][start:start + B]
+        batch[k] = jax.make_array_from_callback(x.shape, self._batch_sharding, lambda idx, x=x: x[idx])
+      out.append(batch)
+    return out
+
+  def nll_sum(self, params, batches: Iterable[dict[str, jax.Array]]) -> float:
+    total = jnp.zeros((), jnp.float32)
+    for batch in batches:  # dispatched back to back; the host waits once, at the end
+      total = total + self._compiled(params, batch)
+    return float(jax.device_get(total))
+
+
+def result_line(lang: str, corpora: Sequence[Corpus], nll: float) -> dict[str, Any]:
+  """The JSON line of one language (or of several together, as "all")."""
+  tokens = sum(c.tokens for c in corpora)
+  n_bytes = sum(c.bytes for c in corpora)
+  loss = nll / tokens if tokens else None
+  return {
+      "lang": lang,
+      "docs": sum(c.docs for c in corpora),
+      "tokens": tokens,
+      "bytes": n_bytes,
+      "text_bytes": sum(c.text_bytes for c in corpora),
+      "loss": loss,
+      "perplexity": math.exp(loss) if loss is not None else None,
+      "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else None,
+  }
+
+
+def evaluate_corpora(scorer: Scorer, params, corpora: Sequence[Corpus]) -> list[dict[str, Any]]:
+  """One result per language, in the given order, then "all"."""
+  nlls = [scorer.nll_sum(params, scorer.device_batches(c.rows)) for c in corpora]
+  lines = [result_line(c.lang, [c], nll) for c, nll in zip(corpora, nlls)]
+  return lines + [result_line("all", corpora, sum(nlls))]
+
+
+def group_by_lang(records: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+  """(lang, text) pairs -> texts per language, languages in order of first appearance."""
+  by_lang: dict[str, list[str]] = {}
+  for lang, text in records:
+    by_lang.setdefault(lang, []).append(text)
+  return by_lang
+
+
+def read_jsonl(path: str | Path, max_docs: Optional[int] = None) -> list[tuple[str, str]]:
+  """(lang, text) of the records of a JSONL file with "text" and "lang" fields, the first `max_docs` per language."""
+  path = Path(path)
+  if not path.is_file():
+    raise EvalError(f"--data: {path} is not a file")
+  out = []
+  per_lang: dict[str, int] = {}
+  with open(path, "rb") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line.decode("utf-8"))
+      except UnicodeDecodeError:
+        raise EvalError(f"{path}:{lineno}: not valid UTF-8") from None
+      except json.JSONDecodeError as e:
+        raise EvalError(f"{path}:{lineno}: not valid JSON ({e})") from None
+      if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not isinstance(record.get("lang"), str):
+        raise EvalError(f"{path}:{lineno}: expected an object with string fields \"text\" and \"lang\"")
+      lang = record["lang"]
+      if max_docs is None or per_lang.get(lang, 0) < max_docs:
+        per_lang[lang] = per_lang.get(lang, 0) + 1
+        out.append((lang, record["text"]))
+  if not out:
+    raise EvalError(f"{path}: no documents")
+  return out
+
+
+def fertility(texts: Sequence[str], tok: Arcade100k) -> dict[str, float]:
+  """Tokens per whitespace-separated word and per UTF-8 byte (of the NFC text), whole documents."""
+  ids = tok.encode_batch(list(texts))
+  tokens = sum(len(x) for x in ids)
+  words = sum(len(t.split()) for t in texts)
+  n_bytes = sum(len(tok.decode_bytes(x)) for x in ids)
+  return {"docs": len(texts), "words": words, "bytes": n_bytes, "tokens": tokens,
+          "tokens_per_word": tokens / max(words, 1), "tokens_per_byte": tokens / max(n_bytes, 1)}
+
+
+# ---------------------------------------------------------------------------
+# During training.
+
+
+class TrainEvaluator:
+  """Scores `data.eval_sources` (the first `train.eval_max_docs` documents of each language) in the train state's shardings.
+
+  Documents are read, tokenized, packed and put on the devices once; each call only runs the
+  compiled function over them.
+  """
+
+  def __init__(self, setup: train_lib.Setup):
+    cfg = setup.cfg
+    tok = load_tokenizer(cfg.data.tokenizer_path)
+    texts: dict[str, list[str]] = {}
+    for i, src in enumerate(cfg.data.eval_sources):
+      resolved = data_sources.resolve_source(src, i, tok)
+      if resolved.format == "arrayrecord":
+        raise ConfigError(f"data.eval_sources[{i}]: evaluation reads text (jsonl, parquet, text), not pre-tokenized ArrayRecord")
+      have = texts.setdefault(src.lang, [])
+      have += itertools.islice(data_sources.iter_documents(resolved), cfg.train.eval_max_docs - len(have))
+    self.corpora = [encode_corpus(lang, t, tok, cfg.data.seq_len) for lang, t in texts.items()]
+    self.scorer = Scorer(setup, cfg.data.batch_size // cfg.optim.grad_accum_steps)
+    self.batches = [self.scorer.device_batches(c.rows) for c in self.corpora]
+
+  def __call__(self, params) -> dict[str, float]:
+    """{"eval/LANG/loss", "eval/LANG/bpb"} for every language."""
+    out = {}
+    for corpus, batches in zip(self.corpora, self.batches):
+      line = result_line(corpus.lang, [corpus], self.scorer.nll_sum(params, batches))
+      out[f"eval/{corpus.lang}/loss"] = line["loss"]
+      out[f"eval/{corpus.lang}/bpb"] = line["bits_per_byte"]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# From a saved run (the command-line tools and the notebook).
+
+
+def checkpoint_location(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
+                        step: Optional[int] = None) -> tuple[Path, Optional[int]]:
+  """(orbax checkpoints directory, step) from `--workdir` or `--checkpoint` (a checkpoints directory,
+  one step's directory, or a run's workdir)."""
+  if (workdir is None) == (checkpoint is None):
+    raise EvalError("give exactly one of --workdir and --checkpoint")
+  path = Path(checkpoint if checkpoint is not None else workdir)
+  if not path.is_dir():
+    raise EvalError(f"{path} is not a directory")
+  if workdir is not None or (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  elif path.name.isdigit() and (path / "state").is_dir():
+    if step is not None and step != int(path.name):
+      raise EvalError(f"--step={step} contradicts the checkpoint directory {path}")
+    path, step = path.parent, int(path.name)
+  return path, step
+
+
+def for_devices(cfg: Config, num_devices: int, batch_rows: Optional[int] = None) -> Config:
+  """The run's config fitted to the devices at hand: its tensor-parallel size where it divides them, else 1,
+  and a batch of `batch_rows` (default: the run's micro-batch) rounded up to a multiple of the data axis."""
+  model_axis = cfg.mesh.model if num_devices % cfg.mesh.model == 0 else 1
+  data_axis = num_devices // model_axis
+  rows = batch_rows or cfg.data.batch_size // cfg.optim.grad_accum_steps
+  rows = -(-rows // data_axis) * data_axis
+  return cfg.replace(mesh=dataclasses.replace(cfg.mesh, data=data_axis, model=model_axis),
+                     data=dataclasses.replace(cfg.data, batch_size=rows),
+                     optim=dataclasses.replace(cfg.optim, grad_accum_steps=1))
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  setup: train_lib.Setup  # the run's model and shardings, fitted to these devices
+  params: Any
+  step: int
+  directory: Path
+
+
+def load_run(workdir: Optional[str] = None, checkpoint: Optional[str] = None, step: Optional[int] = None,
+             batch_rows: Optional[int] = None) -> LoadedRun:
+  """The params (only) of a trainer checkpoint, in the run's shardings, with its config."""
+  directory, step = checkpoint_location(workdir, checkpoint, step)
+  try:
+    step, cfg = checkpoint_lib.saved_config(directory, step)
+  except checkpoint_lib.CheckpointError as e:
+    raise EvalError(str(e)) from None
+  setup = train_lib.build(for_devices(cfg, jax.device_count(), batch_rows))
+  params = checkpoint_lib.restore_params(directory, step, setup.cfg, setup.state_shardings["params"])
+  return LoadedRun(setup, params, step, directory)
+
+
+def evaluate_texts(run: LoadedRun, by_lang: dict[str, list[str]]) -> list[dict[str, Any]]:
+  """Per-language result lines (then "all") for texts grouped by language."""
+  cfg = run.setup.cfg
+  tok = load_tokenizer(cfg.data.tokenizer_path)
+  corpora = [encode_corpus(lang, texts, tok, cfg.data.seq_len) for lang, texts in by_lang.items()]
+  return evaluate_corpora(Scorer(run.setup, cfg.data.batch_size), run.params, corpora)
+
+
+def evaluate_file(path: str | Path, *, workdir: Optional[str] = None, checkpoint: Optional[str] = None,
+                  step: Optional[int] = None, max_docs: Optional[int] = None,
+                  batch_size: Optional[int] = None) -> list[dict[str, Any]]:
+  """`experiments.evaluate`: a JSONL file's documents scored per `lang`, by a trainer checkpoint."""
+  if max_docs is not None and max_docs < 1:
+    raise EvalError(f"--max_docs must be >= 1, got {max_docs}")
+  if batch_size is not None and batch_size < 1:
+    raise EvalError(f"--batch_size must be >= 1, got {batch_size}")
+  records = read_jsonl(path, max_docs)
+  return evaluate_texts(load_run(workdir, checkpoint, step, batch_size), group_by_lang(records))

@@ -1,0 +1,362 @@
+"""Hugging Face directories <-> our parameters and orbax checkpoints, one tensor at a time.
+
+Reading: `config.json` plus `model.safetensors` (single or sharded with its index)
+or `pytorch_model.bin` (single or sharded). Tensor shapes are checked from the
+file headers before any data is read, then each of our leaves is built from its
+HF tensors and, for training, placed straight into its NamedSharding, so the full
+model never sits on one device or twice in host memory.
+
+Writing: `config.json`, `generation_config.json`, sharded safetensors with their
+index, and (for whole exports) the Arcade100k fast tokenizer. Shards are flushed
+as they fill, so an export holds the restored parameters plus at most one shard.
+
+A converted-from-HF checkpoint is a workdir (`config.json` + `checkpoints/0/`)
+whose step-0 state holds `step` and `params` only, no optimizer state: start a
+run from it with `--config.checkpoint.init_from=DIR` (a fresh step-0 run with a
+fresh optimizer) or evaluate it like any checkpoint.
+
+safetensors, torch and orbax are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import numpy as np
+
+from ar_lm_jax import hf
+from ar_lm_jax.config import Config, ConfigError, DataConfig, ModelConfig, dumps
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+EXPORT_DTYPES = ("float32", "bfloat16")
+DEFAULT_MAX_SHARD_BYTES = 2 << 30
+# Files an export writes; --overwrite removes only these, never anything else in the directory.
+_HF_OUTPUTS = ("config.json", "generation_config.json", "model*.safetensors", SAFE_INDEX, "pytorch_model*.bin",
+               BIN_INDEX, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_CKPT_OUTPUTS = ("config.json", "checkpoints")
+
+
+class ConversionError(ConfigError):
+  """A path a conversion cannot use: not an HF model or checkpoint, a missing step, a non-empty output."""
+
+
+def _np_dtype(name: str) -> np.dtype:
+  import ml_dtypes  # registers bfloat16 with numpy
+  return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+# ---------------------------------------------------------------------------
+# Reading Hugging Face directories.
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict:
+  path = Path(hf_dir) / "config.json"
+  if not Path(hf_dir).is_dir():
+    raise ConversionError(f"{hf_dir}: not a directory")
+  if not path.is_file():
+    raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+  try:
+    cfg = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{path}: not valid JSON: {e}") from None
+  if not isinstance(cfg, dict):
+    raise ConversionError(f"{path}: expected a JSON object")
+  return cfg
+
+
+class HFWeights:
+  """Lazy access to the tensors of an HF directory: shapes from the headers, data by name on demand."""
+
+  def __init__(self, hf_dir: str | os.PathLike):
+    d = Path(hf_dir)
+    self._files: dict[str, Path] = {}  # tensor name -> file
+    self._open: dict[Path, Any] = {}
+    if (d / SAFE_INDEX).is_file() or (d / SAFE_SINGLE).is_file():
+      self.kind = "safetensors"
+    elif (d / BIN_INDEX).is_file() or (d / BIN_SINGLE).is_file():
+      self.kind = "bin"
+    else:
+      raise ConversionError(f"{hf_dir}: no {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+    index = d / (SAFE_INDEX if self.kind == "safetensors" else BIN_INDEX)
+    if index.is_file():
+      weight_map = json.loads(index.read_text())["weight_map"]
+      self._files = {name: d / f for name, f in weight_map.items()}
+    else:
+      single = d / (SAFE_SINGLE if self.kind == "safetensors" else BIN_SINGLE)
+      self._files = {name: single for name in self._handle(single).keys()}
+    self.shapes = {name: self._shape(name) for name in self._files}
+
+  def _handle(self, path: Path):
+    if path not in self._open:
+      if not path.is_file():
+        raise ConversionError(f"{path}: listed in the index but missing")
+      if self.kind == "safetensors":
+        from safetensors import safe_open
+        _np_dtype("bfloat16")
+        self._open[path] = safe_open(str(path), framework="numpy")
+      else:
+        import torch
+        # mmap: tensors are paged in when read, so a sharded .bin never sits in memory whole.
+        self._open[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return self._open[path]
+
+  def _shape(self, name: str) -> tuple[int, ...]:
+    h = self._handle(self._files[name])
+    return tuple(h.get_slice(name).get_shape()) if self.kind == "safetensors" else tuple(h[name].shape)
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self._files:
+      raise hf.MappingError(f"{name}: missing from the checkpoint")
+    h = self._handle(self._files[name])
+    if self.kind == "safetensors":
+      return h.get_tensor(name)
+    t = h[name]
+    return t.numpy() if t.dtype.is_floating_point and t.dtype.itemsize == 4 else t.float().numpy()
+
+
+def load_hf_params(hf_dir: str | os.PathLike, model_cfg: ModelConfig, shardings: Any = None) -> dict:
+  """Our parameter tree for `model_cfg` from an HF directory, checked against it tensor by tensor.
+
+  With `shardings` (a NamedSharding tree like the params) every leaf is placed as
+  soon as it is read, each process copying only its own shards.
+  """
+  from_hf = hf.model_config_from_hf(read_hf_config(hf_dir), model_cfg)
+  weights = HFWeights(hf_dir)
+  hf.check_hf_shapes(weights.shapes, model_cfg)
+  hf.check_same_architecture(model_cfg, from_hf)
+  params: dict = {}
+  for leaf in hf.leaves(model_cfg, model_cfg.scan_layers):
+    x = hf.leaf_from_hf(leaf, weights.get, _np_dtype(model_cfg.param_dtype))
+    if shardings is not None:
+      x = _place(x, _get(shardings, leaf.path))
+    hf.set_path(params, leaf.path, x)
+  return params
+
+
+def load_hf_model(hf_dir: str | os.PathLike, base: Optional[ModelConfig] = None) -> tuple[ModelConfig, dict]:
+  """(our ModelConfig, numpy params) for an HF StableLm directory; other fields of the config from `base`."""
+  model_cfg = hf.model_config_from_hf(read_hf_config(hf_dir), base)
+  return model_cfg, load_hf_params(hf_dir, model_cfg)
+
+
+def _get(tree: Mapping, path: tuple) -> Any:
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _place(x: np.ndarray, sharding) -> Any:
+  import jax
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+# ---------------------------------------------------------------------------
+# Writing Hugging Face directories.
+
+
+def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool, outputs: tuple[str, ...] = _HF_OUTPUTS) -> Path:
+  """Creates `out_dir`; refuses a non-empty one unless `overwrite`, which removes only our own outputs."""
+  out = Path(out_dir)
+  if out.exists() and not out.is_dir():
+    raise ConversionError(f"{out}: exists and is not a directory")
+  if out.is_dir() and any(out.iterdir()):
+    if not overwrite:
+      raise ConversionError(f"{out}: exists and is not empty (pass --overwrite to replace its contents)")
+    for pattern in outputs:
+      for p in out.glob(pattern):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+  out.mkdir(parents=True, exist_ok=True)
+  return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+  path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_hf_model(params: Mapping | Callable[[tuple], np.ndarray], model_cfg: ModelConfig, out_dir: str | os.PathLike,
+                  dtype: str = "float32", scan_layers: Optional[bool] = None,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+  """Writes config.json, generation_config.json and sharded model-XXXXX-of-YYYYY.safetensors + index.
+
+  `params` is our tree or a function from a leaf path to its array (read on
+  demand). Memory: one leaf plus at most one shard of converted tensors.
+  Returns {"shards", "total_bytes", "num_params"}.
+  """
+  from safetensors.numpy import save_file
+  if dtype not in EXPORT_DTYPES:
+    raise ConversionError(f"dtype: must be one of {EXPORT_DTYPES}, got {dtype!r}")
+  scan = model_cfg.scan_layers if scan_layers is None else scan_layers
+  get_leaf = params if callable(params) else (lambda path: _get(params, path))
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  _write_json(out / "config.json", hf.hf_config_dict(model_cfg, dtype))
+  _write_json(out / "generation_config.json", hf.generation_config_dict())
+  target = _np_dtype(dtype)
+  shard: dict[str, np.ndarray] = {}
+  files: list[list[str]] = []
+  shard_bytes = total_bytes = num_params = 0
+
+  def flush():
+    nonlocal shard, shard_bytes
+    if shard:
+      save_file(shard, out / f"_shard{len(files):05d}.safetensors", metadata={"format": "pt"})
+      files.append(list(shard))
+      shard, shard_bytes = {}, 0
+
+  for leaf in hf.leaves(model_cfg, scan):
+    for name, y in hf.leaf_to_hf(leaf, np.asarray(get_leaf(leaf.path))):
+      y = np.ascontiguousarray(y, dtype=target)
+      if shard and shard_bytes + y.nbytes > max_shard_bytes:
+        flush()
+      shard[name] = y
+      shard_bytes += y.nbytes
+      total_bytes += y.nbytes
+      num_params += y.size
+  flush()
+  weight_map = {}
+  for i, names in enumerate(files):
+    final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+    (out / f"_shard{i:05d}.safetensors").rename(out / final)
+    weight_map.update({n: final for n in names})
+  _write_json(out / SAFE_INDEX, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
+  return {"shards": len(files), "total_bytes": total_bytes, "num_params": num_params}
+
+
+# ---------------------------------------------------------------------------
+# Our orbax checkpoints.
+
+
+def checkpoints_dir(path: str | os.PathLike) -> Path:
+  """A workdir's `checkpoints/` folder, or `path` itself when it is that folder."""
+  p = Path(path)
+  if not p.is_dir():
+    raise ConversionError(f"{path}: no such directory")
+  return p / "checkpoints" if (p / "checkpoints").is_dir() else p
+
+
+def saved_param_shapes(ckpt_dir: Path, step: int) -> dict:
+  """Our path -> shape of every saved parameter, from the checkpoint's metadata (no array is read)."""
+  import jax
+  import orbax.checkpoint as ocp
+  meta = ocp.PyTreeCheckpointHandler().metadata(Path(ckpt_dir) / str(step) / "state")
+  tree = getattr(meta, "tree", meta)
+  if "params" not in tree:
+    raise ConversionError(f"{ckpt_dir}/{step}: the saved state has no params")
+  flat = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
+  return {tuple(k.key for k in path): tuple(m.shape) for path, m in flat}
+
+
+def check_saved_shapes(ckpt_dir: Path, step: int, model_cfg: ModelConfig) -> None:
+  """Raises MappingError naming the first parameter whose saved shape differs from `model_cfg`'s."""
+  import flax.linen as nn
+  import jax
+  from ar_lm_jax.model import abstract_params
+  saved = saved_param_shapes(ckpt_dir, step)
+  want = {tuple(k.key for k in path): tuple(a.shape)
+          for path, a in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params(model_cfg)))[0]}
+  for path, shape in want.items():
+    name = "params/" + "/".join(path)
+    if path not in saved:
+      raise hf.MappingError(f"{name}: missing from the checkpoint in {ckpt_dir}/{step} (the config expects {shape})")
+    if saved[path] != shape:
+      raise hf.MappingError(f"{name}: checkpoint shape {saved[path]} does not match the config's {shape}")
+
+
+def _read_checkpoint(checkpoint: str | os.PathLike, step: Optional[int], model_cfg: Optional[ModelConfig] = None,
+                     shardings: Any = None) -> tuple[int, Config, Any]:
+  """(step, saved run config, params) of a checkpoint; only the params are read, never the optimizer state."""
+  from ar_lm_jax import checkpoint as ckpt_lib
+  ckpt_dir = checkpoints_dir(checkpoint)
+  try:
+    step, cfg = ckpt_lib.saved_config(ckpt_dir, step)
+  except ckpt_lib.CheckpointError as e:
+    raise ConversionError(str(e)) from None
+  if model_cfg is not None:
+    cfg = cfg.replace(model=model_cfg)
+  check_saved_shapes(ckpt_dir, step, cfg.model)
+  return step, cfg, ckpt_lib.restore_params(ckpt_dir, step, cfg, shardings)
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, step: Optional[int] = None,
+                      dtype: str = "float32", overwrite: bool = False,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+  """A workdir's (or checkpoints folder's) params -> a Hugging Face directory, tokenizer included."""
+  from ar_lm_jax.hf_tokenizer import save_hf_tokenizer
+  from ar_lm_jax.tokenizer import N_VOCAB, load_tokenizer
+  if dtype not in EXPORT_DTYPES:
+    raise ConversionError(f"dtype: must be one of {EXPORT_DTYPES}, got {dtype!r}")
+  step, cfg, params = _read_checkpoint(checkpoint, step)
+  if cfg.model.vocab_size < N_VOCAB:
+    raise hf.MappingError(f"model.vocab_size={cfg.model.vocab_size} has no rows for the tokenizer's {N_VOCAB} ids")
+  hf.hf_config_dict(cfg.model)  # refuses an architecture HF cannot express before anything is written
+  out = prepare_out_dir(out_dir, overwrite)
+  summary = save_hf_model(params, cfg.model, out, dtype, cfg.model.scan_layers, max_shard_bytes)
+  save_hf_tokenizer(load_tokenizer(cfg.data.tokenizer_path), str(out))
+  return {"out": str(out), "step": step, "dtype": dtype, **summary}
+
+
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Optional[Config] = None,
+              overwrite: bool = False) -> dict:
+  """An HF StableLm directory -> a params-only step-0 checkpoint in workdir layout (see the module doc).
+
+  Without `cfg`, the run config is the defaults with the HF architecture (and
+  data.seq_len capped at its max_position_embeddings).
+  """
+  import jax
+  from ar_lm_jax.checkpoint import Checkpointer
+  from_hf = hf.model_config_from_hf(read_hf_config(hf_dir), cfg.model if cfg else None)
+  if cfg is None:
+    seq_len = min(DataConfig().seq_len, from_hf.max_position_embeddings)
+    cfg = Config(name=f"hf-{Path(hf_dir).absolute().name}", model=from_hf,
+                 data=dataclasses.replace(DataConfig(), seq_len=seq_len))
+  params = load_hf_params(hf_dir, cfg.model)
+  out = prepare_out_dir(out_dir, overwrite, _CKPT_OUTPUTS)
+  (out / "config.json").write_text(dumps(cfg))
+  ckpt = Checkpointer(out / "checkpoints", cfg)
+  ckpt.save(0, {"step": np.zeros((), np.int32), "params": params}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  n = sum(int(x.size) for x in jax.tree.leaves(params))
+  return {"out": str(out), "checkpoints": str(out / "checkpoints"), "step": 0, "num_params": n,
+          "model": dataclasses.asdict(cfg.model)}
+
+
+def is_our_checkpoint(path: str | os.PathLike) -> bool:
+  import orbax.checkpoint as ocp
+  p = Path(path)
+  return p.is_dir() and ((p / "checkpoints").is_dir() or bool(ocp.utils.checkpoint_steps(p)))
+
+
+def init_params(source: str | os.PathLike, model_cfg: ModelConfig, shardings: Any) -> Any:
+  """Parameters for a fresh run from `checkpoint.init_from`: an HF directory or one of our checkpoints (latest step).
+
+  The arrays land directly in `shardings`; a checkpoint saved with the other
+  `scan_layers` layout is re-laid-out on the host first.
+  """
+  if not Path(source).is_dir():
+    raise ConversionError(f"checkpoint.init_from: {source} is not a directory")
+  if not is_our_checkpoint(source):
+    return load_hf_params(source, model_cfg, shardings)
+  ckpt_dir = checkpoints_dir(source)
+  from ar_lm_jax import checkpoint as ckpt_lib
+  try:
+    step, saved = ckpt_lib.saved_config(ckpt_dir)
+  except ckpt_lib.CheckpointError as e:
+    raise ConversionError(f"checkpoint.init_from: {e}") from None
+  hf.check_same_architecture(model_cfg, saved.model, f"the checkpoint in {ckpt_dir}/{step}")
+  if saved.model.scan_layers == model_cfg.scan_layers:
+    return _read_checkpoint(ckpt_dir, step, model_cfg, shardings)[2]
+  _, _, src = _read_checkpoint(ckpt_dir, step)
+  tensors = dict(hf.params_to_hf(src, saved.model, saved.model.scan_layers))
+  del src
+  params: dict = {}
+  for leaf in hf.leaves(model_cfg, model_cfg.scan_layers):
+    hf.set_path(params, leaf.path, _place(hf.leaf_from_hf(leaf, tensors.__getitem__, _np_dtype(model_cfg.param_dtype)),
+                                          _get(shardings, leaf.path)))
+  return params

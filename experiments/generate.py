@@ -1,0 +1,44 @@
+"""Generate: `python -m experiments.generate --checkpoint=DIR|--workdir=DIR [--step=N] --prompt="..."
+[--max_new_tokens=N] [--greedy | --temperature=T --top_k=K --top_p=P --seed=S]`.
+
+Continues the prompt with a trainer checkpoint (KV-cached decoding, stops at EOS
+or after N tokens), prints the continuation, then a last line that is a JSON
+object {"tokens": generated ids, "text": their decoding}. Exit codes: 0 ok,
+2 bad input (one line on stderr).
+"""
+
+import json
+
+from ar_lm_jax import cli
+
+
+def main() -> int:
+  p = cli.make_parser(__doc__, with_config=False)
+  p.add_argument("--workdir", default=None, help="a run directory (its checkpoints/ are read)")
+  p.add_argument("--checkpoint", default=None, help="a checkpoints directory, or one step's directory in it")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--prompt", required=True, help="text to continue (no BOS is added)")
+  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling flags)")
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--top_k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
+  p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+  p.add_argument("--seed", type=int, default=0)
+  _, args = cli.parse_args(p)
+
+  from ar_lm_jax import evaluate, generate  # jax is imported only after the flags parsed
+  sampling = generate.GREEDY if args.greedy else generate.Sampling(args.temperature, args.top_k, args.top_p)
+  try:
+    run = evaluate.load_run(args.workdir, args.checkpoint, args.step)
+    cfg = run.setup.cfg
+    [out] = generate.generate_text(run.params, cfg.model, [args.prompt], args.max_new_tokens, sampling, args.seed,
+                                   cfg.data.tokenizer_path)
+  except (evaluate.EvalError, generate.GenerateError) as e:
+    raise cli.UsageError(str(e)) from None
+  print(out["text"])
+  print(json.dumps({"tokens": out["tokens"], "text": out["text"]}, ensure_ascii=False))
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run_main(main)

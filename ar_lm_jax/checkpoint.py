@@ -1,97 +1,485 @@
-"""Orbax checkpoints of the train state, the data iterator state and the resolved config."""
+"""Checkpoints and fault tolerance: what a run saves, how it comes back, and when it must stop.
+
+A checkpoint is `checkpoints/<step>/` with four orbax items:
+  state        the train state (params, AdamW state, step, skipped_steps) as sharded arrays
+  data         every process's data-iterator state, `process_<i>-of-<n>.json` (each process writes its own)
+  config       the resolved run config (JSON)
+  fingerprint  a 32-bit position-weighted checksum of every state leaf, taken on device when saving
+
+Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a crash in the
+middle of a save never leaves a listed step. What the rename cannot catch is a finished checkpoint
+that is damaged later (a truncated or half-copied file raises on read, a flipped byte in an array
+chunk reads back without any error); the fingerprint catches both. It is a wrapping uint32 sum,
+the same on any mesh, so a restore onto another mesh checks it too.
+
+Nothing is deleted except by the keep policy: an unfinished save or a damaged checkpoint is renamed
+to `<name>.partial-<time>` / `<step>.corrupt-<time>` with a warning.
+
+The state holds no RNG: nothing after init is random (no dropout), and the data order is a function
+of train.seed and the saved iterator state.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers
 
 from ar_lm_jax import config as config_lib
 
+ITEMS = ("state", "data", "config", "fingerprint")
+UNFINISHED_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a save in progress (orbax/_src/path/atomicity_types.py)
 
-class CheckpointError(RuntimeError):
-  """No usable checkpoint where one was asked for."""
+
+class CheckpointError(config_lib.ConfigError):
+  """No usable checkpoint where one is needed, or one that does not fit the run.
+
+  A ConfigError, so that command-line faces exit 2 with its one-line message: the input (the
+  workdir, the flags) is what is wrong, and nothing has been trained.
+  """
+
+
+class NonFiniteError(RuntimeError):
+  """The run stopped after train.max_bad_steps consecutive steps with a non-finite loss or gradient."""
+
+
+class _Unusable(Exception):
+  """A checkpoint that cannot be read back intact (the message says why)."""
+
+
+def _say(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def _warn(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _short(e: BaseException) -> str:
+  first = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {first[:200]}"
+
+
+def _key_str(k: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def path_str(path: tuple) -> str:
+  """A pytree path as 'params/layers/mlp/up_proj/kernel' (the same for a dict, a namedtuple or orbax metadata)."""
+  return "/".join(_key_str(k) for k in path)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+# ---------------------------------------------------------------------------
+# Fingerprints.
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """sum_i bits(x_i) * w_i mod 2**32 with odd, position-dependent w_i: any change of one element changes it."""
+  itemsize = jnp.dtype(x.dtype).itemsize
+  if x.dtype == jnp.bool_ or itemsize == 1:
+    bits = x.astype(jnp.uint32)
+  elif itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  elif itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  else:
+    raise TypeError(f"no fingerprint for dtype {x.dtype}")
+  index = jnp.zeros(x.shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(x.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * np.uint32(stride % 2**32)
+    stride *= x.shape[d]
+  weight = index * np.uint32(0x9E3779B1) * np.uint32(2) + np.uint32(1)
+  return jnp.sum(bits * weight, dtype=jnp.uint32)
+
+
+_fingerprint_tree = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+
+
+def fingerprints(tree: Any) -> dict[str, int]:
+  """{leaf path: uint32 checksum} of a pytree of (sharded) arrays, computed where the arrays live."""
+  if not any(isinstance(x, jax.Array) for x in jax.tree.leaves(tree)):
+    tree = jax.device_put(tree, jax.devices("cpu")[0])  # host arrays (a conversion): never copy them onto an accelerator
+  sums = jax.device_get(_fingerprint_tree(tree))
+  return {path_str(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def _mismatches(tree: Any, saved: dict[str, int]) -> list[str]:
+  now = fingerprints(tree)
+  return [k for k, v in now.items() if saved.get(k) != v]
+
+
+# ---------------------------------------------------------------------------
+# Per-process JSON (the data iterators' states).
+
+
+def _process_file() -> str:
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class _ProcessJsonHandler(ocp.handlers.JsonCheckpointHandler):
+  """Every process writes and reads its own file (the stock JSON handler writes on the primary process only)."""
+
+  def __init__(self):
+    super().__init__(filename=_process_file(),
+                     multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None))
+
+
+@ocp.args.register_with_handler(_ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class _ProcessJsonSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class _ProcessJsonRestore(ocp.args.CheckpointArgs):
+  item: Any = None
+
+
+# ---------------------------------------------------------------------------
+# The run's checkpoints.
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any  # in the shardings asked for
+  data_state: dict  # this process's data-iterator state
+  config: dict  # the config the checkpoint was saved with
 
 
 class Checkpointer:
+  """A run's `checkpoints/` folder: async saves under a keep policy, and a restore that checks what it reads."""
 
-  def __init__(self, directory: Path, cfg: config_lib.Config):
+  def __init__(self, directory: str | Path, cfg: config_lib.Config):
     self.directory = Path(directory).absolute()
+    self.cfg = cfg
     c = cfg.checkpoint
+    keep = [checkpoint_managers.LatestN(c.keep)]
+    if c.keep_every:
+      keep.append(checkpoint_managers.EveryNSteps(c.keep_every))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=c.keep,
-        keep_period=c.keep_every or None,
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(keep),
         enable_async_checkpointing=c.async_save,
         create=True,
     )
-    self.cfg = cfg
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.last_saved_step = self.manager.latest_step()
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: Optional[dict] = None, force: bool = False) -> bool:
-    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config_lib.to_dict(self.cfg))}
-    if data_state is not None:
-      items["data"] = ocp.args.JsonSave(data_state)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+  def due(self, step: int) -> bool:
+    """Whether a multiple of checkpoint.every_steps has passed since the last save (a skipped one stays due)."""
+    every = self.cfg.checkpoint.every_steps
+    return every > 0 and step // every * every > (self.last_saved_step or 0)
 
-  def restore(self, step: int, abstract_state: Any, shardings: Any, with_data: bool = True) -> tuple[Any, Optional[dict]]:
+  def save(self, step: int, state: Any, data_state: Optional[dict] = None, force: bool = False) -> bool:
+    """Starts saving `state` (and this process's `data_state`) as `step`; returns once the arrays are copied off
+    the devices, so the caller may donate them. A params-only state (no data_state) is for conversions."""
+    items = {
+        "state": ocp.args.StandardSave(state),
+        "config": ocp.args.JsonSave(config_lib.to_dict(self.cfg)),
+        "fingerprint": ocp.args.JsonSave(fingerprints(state)),
+    }
+    if data_state is not None:
+      items["data"] = _ProcessJsonSave(data_state)
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      self.last_saved_step = step
+    return saved
+
+  def restore_latest(self, abstract_state: Any, shardings: Any) -> Optional[Restored]:
+    """The newest checkpoint that reads back intact, placed in `shardings`; None in a fresh directory.
+
+    A checkpoint that cannot be read, or whose arrays differ from their fingerprint, is moved aside
+    to `<step>.corrupt-<time>` with a warning and the previous one is tried; when none is left,
+    CheckpointError. An intact checkpoint that does not fit this run (another model shape, a
+    params-only conversion, another process count) raises CheckpointError and nothing is moved:
+    the run is what is wrong, not the checkpoint.
+    """
+    self._move_aside_unfinished()
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      corrupt = sorted(p.name for p in self.directory.glob("*.corrupt-*"))
+      if corrupt:
+        raise CheckpointError(f"{self.directory} holds only checkpoints moved aside as corrupt ({', '.join(corrupt)}); "
+                              "remove them, or use another workdir, to start from scratch")
+      return None
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-    items = {"state": ocp.args.StandardRestore(target)}
-    if with_data and (self.directory / str(step) / "data").exists():
-      items["data"] = ocp.args.JsonRestore()
-    out = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return out["state"], out.get("data") if with_data else None
+    problems = []
+    for step in steps:
+      try:
+        restored = self._restore_step(step, target)
+      except _Unusable as e:
+        moved = self._move_aside(self.directory / str(step), "corrupt")
+        _warn(f"checkpoint step {step} in {self.directory} is unusable: {e}; moved it to {moved.name}"
+              + ("; trying the previous one" if step != steps[-1] else ""))
+        problems.append(f"step {step}: {e}")
+        continue
+      self.last_saved_step = step
+      self._note_config_changes(step, restored.config)
+      return restored
+    raise CheckpointError(f"no usable checkpoint in {self.directory} ({'; '.join(problems)}); "
+                          "each was moved aside as <step>.corrupt-<time>")
+
+  def _restore_step(self, step: int, target: Any) -> Restored:
+    path = self.directory / str(step)
+    missing = [item for item in ITEMS if not (path / item).is_dir()]
+    if missing == ["data"]:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} has no data-iterator state: it is a "
+                            "params-only checkpoint (a conversion?); start a run from it with checkpoint.init_from")
+    if missing:
+      raise _Unusable(f"its {', '.join(missing)} item(s) are missing")
+    files = sorted(p.name for p in (path / "data").glob("process_*-of-*.json"))
+    if _process_file() not in files:
+      if files:
+        raise CheckpointError(f"checkpoint step {step} holds data-iterator states {files}, saved by another number of "
+                              f"processes than this run's {jax.process_count()}: the data order cannot continue exactly")
+      raise _Unusable("its data item holds no iterator state")
+    try:
+      small = self.manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore(), fingerprint=ocp.args.JsonRestore(), data=_ProcessJsonRestore()))
+    except Exception as e:  # noqa: BLE001 - whatever the reader raises, this checkpoint cannot be used
+      raise _Unusable(f"cannot read its config, fingerprint or data state ({_short(e)})") from None
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(epath.Path(path / "state"))
+      saved_shapes = {path_str(p): (tuple(m.shape), str(m.dtype))
+                      for p, m in jax.tree_util.tree_flatten_with_path(saved.tree)[0]}
+    except Exception as e:  # noqa: BLE001
+      raise _Unusable(f"cannot read its state metadata ({_short(e)})") from None
+    self._check_fits(step, saved_shapes, target)
+    try:
+      state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    except Exception as e:  # noqa: BLE001
+      raise _Unusable(f"cannot read its state ({_short(e)})") from None
+    bad = _mismatches(state, small["fingerprint"])
+    if bad:
+      raise _Unusable(f"{len(bad)} array(s) differ from the fingerprint taken when it was saved ({', '.join(bad[:3])})")
+    return Restored(step, state, small["data"], small["config"])
+
+  def _check_fits(self, step: int, saved: dict[str, tuple], target: Any) -> None:
+    want = {path_str(p): (tuple(a.shape), str(a.dtype)) for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}
+    wrong = [f"{k} is missing" if k not in saved else f"{k} is {saved[k][0]} {saved[k][1]} there, {v[0]} {v[1]} here"
+             for k, v in want.items() if saved.get(k) != v]
+    wrong += [f"{k} is not in this run's state" for k in saved if k not in want]
+    if wrong:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this run's state: "
+                            f"{'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''} (same model and optimizer config?)")
+
+  def _note_config_changes(self, step: int, saved: dict) -> None:
+    now, then = _flatten(config_lib.to_dict(self.cfg)), _flatten(saved)
+    diffs = [f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+    if diffs:
+      _say(f"note: the config differs from checkpoint step {step}'s in {len(diffs)} key(s): {'; '.join(diffs[:8])}"
+           + (" ..." if len(diffs) > 8 else ""))
+
+  def _move_aside_unfinished(self) -> None:
+    """Saves a crash interrupted would be deleted by orbax when it next saves that step; keep them, and say so."""
+    for p in sorted(self.directory.glob(f"*{UNFINISHED_SUFFIX}*")):
+      moved = self._move_aside(p, "partial")
+      _warn(f"{p.name} in {self.directory} is a save that never finished (the run was killed while writing it); "
+            f"moved it to {moved.name}")
+
+  def _move_aside(self, path: Path, tag: str) -> Path:
+    name = path.name.split(UNFINISHED_SUFFIX)[0]
+    new = path.with_name(f"{name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _sync(f"ar_lm_jax_move_aside_{name}_start")
+    if jax.process_index() == 0:
+      n = 0
+      while new.exists():
+        n += 1
+        new = new.with_name(f"{name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+      os.replace(path, new)
+    _sync(f"ar_lm_jax_move_aside_{name}_done")
+    self.manager.reload()
+    return new
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the save in flight, then closes."""
+    self.manager.wait_until_finished()
     self.manager.close()
 
 
-def _read_only_manager(directory: Path) -> ocp.CheckpointManager:
-  if not Path(directory).is_dir():
-    raise CheckpointError(f"no checkpoint directory at {directory}")
-  # Not `read_only=True`: that only adds warnings; a manager that is never asked to save writes nothing.
-  return ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False))
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, dict):
+    return {k2: v2 for k, v in d.items() for k2, v2 in _flatten(v, f"{prefix}.{k}" if prefix else k).items()}
+  if isinstance(d, list) and any(isinstance(x, (dict, list)) for x in d):
+    return {k2: v2 for i, v in enumerate(d) for k2, v2 in _flatten(v, f"{prefix}[{i}]").items()}
+  return {prefix: d}
 
 
-def saved_config(directory: Path, step: Optional[int] = None) -> tuple[int, config_lib.Config]:
-  """(step, the run's config saved with that checkpoint); `step=None` takes the latest."""
-  manager = _read_only_manager(directory)
-  try:
-    steps = manager.all_steps()
+# ---------------------------------------------------------------------------
+# Reading a checkpoint outside training (evaluation, conversion).
+
+
+def _steps(directory: Path) -> list[int]:
+  return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
+def saved_config(directory: str | Path, step: Optional[int] = None) -> tuple[int, config_lib.Config]:
+  """(step, the config it was saved with) of a checkpoints folder; the latest step when `step` is None."""
+  directory = Path(directory)
+  steps = _steps(directory)
+  if step is None:
     if not steps:
       raise CheckpointError(f"no checkpoint in {directory}")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise CheckpointError(f"no checkpoint for step {step} in {directory} (steps: {sorted(steps)})")
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  finally:
-    manager.close()
-  return step, config_lib.from_dict(config_lib.Config, saved)
-
-
-def restore_params(directory: Path, step: int, cfg: config_lib.Config, shardings: Any = None) -> Any:
-  """The parameters alone of the train state saved at `step` (the optimizer state is never read).
-
-  `shardings` (a NamedSharding tree like the params) places them; None puts every array on the first device.
-  """
-  from ar_lm_jax.model import abstract_params  # only readers of params need the model
-  import flax.linen as nn
-  shapes = nn.meta.unbox(abstract_params(cfg.model))
-  if shardings is None:
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
-  target = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)}
-  restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                   partial_restore=True)
-  manager = _read_only_manager(directory)
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f"no checkpoint of step {step} in {directory} (steps: {steps or 'none'})")
   try:
-    return manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
-  finally:
-    manager.close()
+    d = ocp.handlers.JsonCheckpointHandler().restore(epath.Path(directory / str(step) / "config"))
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"cannot read the config of checkpoint {directory}/{step} ({_short(e)})") from None
+  try:
+    return step, config_lib.from_dict(config_lib.Config, d)
+  except config_lib.ConfigError as e:
+    raise CheckpointError(f"the config saved in {directory}/{step} no longer parses: {e}") from None
+
+
+def restore_params(directory: str | Path, step: int, cfg: config_lib.Config, shardings: Any = None) -> Any:
+  """The params (only; the optimizer state is never read) of a checkpoint: in `shardings`, or as host numpy
+  arrays when None. Checked against the fingerprint saved with them."""
+  import flax.linen as nn
+  from ar_lm_jax.model import abstract_params
+  path = Path(directory) / str(step)
+  abstract = nn.meta.unbox(abstract_params(cfg.model))
+  if shardings is None:
+    item = jax.tree.map(lambda _: 0, abstract)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+  else:
+    item = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  try:
+    out = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+        epath.Path(path / "state"),
+        args=ocp.args.PyTreeRestore(item={"params": item}, restore_args={"params": restore_args}, partial_restore=True))
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"cannot read the params of checkpoint {path} ({_short(e)})") from None
+  params = out["params"]
+  if (path / "fingerprint").is_dir():
+    saved = ocp.handlers.JsonCheckpointHandler().restore(epath.Path(path / "fingerprint"))
+    bad = [k for k in _mismatches({"params": params}, saved) if k in saved]
+    if bad:
+      raise CheckpointError(f"checkpoint {path}: {len(bad)} param array(s) differ from the fingerprint taken when "
+                            f"it was saved ({', '.join(bad[:3])})")
+  return params
+
+
+# ---------------------------------------------------------------------------
+# Stopping: preemption signals and non-finite steps.
+
+
+class StopRequest:
+  """SIGTERM/SIGINT ask the loop to stop after the step in flight, checkpoint, and exit 0.
+
+  The handler only sets a flag that the loop polls with `requested(step)`. Processes must stop at
+  the same step (each saves its shards of the same checkpoint), so in a multi-process run the
+  flags are all-gathered every `check_every` steps, the same steps on every process; a
+  single-process run checks every step without a collective. After the first signal the
+  previous handlers are back, so a second Ctrl-C or SIGTERM acts at once.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, check_every: int):
+    self.check_every = check_every
+    self.signal: Optional[str] = None  # the name of the signal received, if any
+    self._agreed = False
+    self._previous: dict[int, Any] = {}
+
+  def install(self) -> "StopRequest":
+    if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set handlers
+      for s in self.SIGNALS:
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def uninstall(self) -> None:
+    for s, h in self._previous.items():
+      signal.signal(s, h)
+    self._previous = {}
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    self.signal = signal.Signals(signum).name
+    self.uninstall()
+    # os.write, not print: the handler may run in the middle of a print of the main thread.
+    os.write(2, f"\n{self.signal}: stopping after the current step and saving a checkpoint "
+                f"(send it again to stop at once)\n".encode())
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.signal is not None
+    if not self._agreed and step % self.check_every == 0:
+      from jax.experimental import multihost_utils
+      flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
+      self._agreed = bool(np.any(flags))
+    return self._agreed
+
+
+class BadStepGuard:
+  """Counts consecutive steps whose loss or gradient was not finite (train_step left the state as it was).
+
+  `observe` reads a step's `finite` metric (blocking until that step is done), once per step and in
+  order; the loop reads each step's flag after dispatching the next, and at once only where it
+  must know before saving.
+  """
+
+  def __init__(self, max_bad_steps: int):
+    self.max_bad_steps = max_bad_steps
+    self.streak = 0  # consecutive non-finite steps up to the last one observed
+    self.first_bad: Optional[int] = None  # first step of the current streak
+    self._seen = -1
+
+  def observe(self, step: int, finite: Any) -> None:
+    if step <= self._seen:
+      return
+    self._seen = step
+    if bool(jax.device_get(finite)):
+      self.streak, self.first_bad = 0, None
+    else:
+      self.streak += 1
+      self.first_bad = step if self.streak == 1 else self.first_bad
+
+  def finite_at(self, step: int, finite: Any) -> bool:
+    """Whether the state after `step` follows only finite steps since the last finite one, i.e. is safe to save."""
+    self.observe(step, finite)
+    return self.streak == 0
+
+  @property
+  def tripped(self) -> bool:
+    return self.streak >= self.max_bad_steps
+
+  def error(self, last_good_checkpoint: Optional[int], directory: Path) -> NonFiniteError:
+    where = (f"the last good checkpoint is step {last_good_checkpoint} in {directory}" if last_good_checkpoint is not None
+             else "no checkpoint was saved")
+    return NonFiniteError(
+        f"stopped: {self.streak} consecutive steps ({self.first_bad}-{self._seen}) had a non-finite loss or gradient "
+        f"(train.max_bad_steps={self.max_bad_steps}); their updates were skipped and nothing was saved after them; {where}")

@@ -212,6 +212,7 @@ class TrainConfig:
   eval_max_docs: int = 64  # documents per language scored by the in-training evaluation
   loss_chunk_size: int = 0  # tokens per chunk of the LM-head + cross-entropy (0: unchunked); bounds fp32 logits memory
   max_bad_steps: int = 10  # consecutive non-finite steps after which the run stops
+  stop_after: int = 0  # stop (and checkpoint) at this step without changing the schedule train.steps sets, e.g. to fit a job's time limit; 0: run to train.steps
   progress: bool = True  # show a console progress bar
 
   def __post_init__(self):
@@ -220,6 +221,7 @@ class TrainConfig:
     _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
     _check(self.loss_chunk_size >= 0, "train.loss_chunk_size", "must be >= 0")
     _check(self.max_bad_steps > 0, "train.max_bad_steps", "must be positive")
+    _check(self.stop_after >= 0, "train.stop_after", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,12 +230,16 @@ class CheckpointConfig:
   keep: int = 3  # most recent checkpoints kept
   keep_every: int = 0  # additionally keep every step that is a multiple of this forever (0: none)
   async_save: bool = True  # write in the background so the train loop does not wait for disk
-  init_from: Optional[str] = None  # Hugging Face StableLm directory to start a fresh run from
+  stop_check_every: int = 10  # steps between the processes' agreement on a SIGTERM/SIGINT stop (multi-process runs; one process checks every step)
+  init_from: Optional[str] = None  # weights for a fresh run (step 0, new optimizer): a Hugging Face StableLm dir or one of our workdirs/checkpoints (latest step); a checkpoint in the run's own workdir wins
 
   def __post_init__(self):
     _check(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     _check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(self.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
+    _check(self.stop_check_every > 0, "checkpoint.stop_check_every", "must be positive")
+    _check(not (self.keep_every and self.every_steps) or self.keep_every % self.every_steps == 0, "checkpoint.keep_every",
+           f"{self.keep_every} is not a multiple of checkpoint.every_steps={self.every_steps}, so no saved step would be kept")
 
 
 @dataclasses.dataclass(frozen=True)

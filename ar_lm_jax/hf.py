@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from ar_lm_jax.config import ModelConfig
+from ar_lm_jax.config import ConfigError, ModelConfig
 
 HF_MODEL_TYPE = "stablelm"
 HF_ARCHITECTURE = "StableLmForCausalLM"
@@ -23,8 +23,11 @@ HF_ARCHITECTURE = "StableLmForCausalLM"
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-class MappingError(ValueError):
-  """Weights or a config.json that do not fit the target config (names the tensor and both shapes)."""
+class MappingError(ConfigError):
+  """Weights or a config.json that do not fit the target config (names the tensor and both shapes).
+
+  A ConfigError, so every command-line face reports it as bad input (exit 2).
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +193,7 @@ def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
   from ar_lm_jax.tokenizer import EOS_ID
   if not cfg.norm_bias:
     raise MappingError("model.norm_bias=false has no StableLmForCausalLM equivalent (HF LayerNorms always have a bias)")
+  eos = EOS_ID if cfg.vocab_size > EOS_ID else None  # a toy vocab has no row for it
   return {
       "architectures": [HF_ARCHITECTURE],
       "model_type": HF_MODEL_TYPE,
@@ -215,8 +219,8 @@ def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
       "use_parallel_residual": False,
       "hidden_dropout": 0.0,
       "attention_dropout": 0.0,
-      "bos_token_id": EOS_ID,
-      "eos_token_id": EOS_ID,
+      "bos_token_id": eos,
+      "eos_token_id": eos,
       # HF passes pad_token_id to nn.Embedding as padding_idx, which would freeze the gradient
       # of the <|endoftext|> row (our document separator) in any PyTorch fine-tune.
       "pad_token_id": None,

@@ -30,15 +30,17 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import numpy as np
 
 from ar_lm_jax import hf
-from ar_lm_jax.config import Config, ConfigError, DataConfig, ModelConfig, dumps
+from ar_lm_jax.config import Config, ConfigError, DataConfig, ModelConfig, dumps, from_dict
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+# Our full run config, saved next to an export so that importing it back gives the same run (seq_len, tokenizer).
+RUN_CONFIG = "ar_lm_jax_config.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 EXPORT_DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 # Files an export writes; --overwrite removes only these, never anything else in the directory.
 _HF_OUTPUTS = ("config.json", "generation_config.json", "model*.safetensors", SAFE_INDEX, "pytorch_model*.bin",
-               BIN_INDEX, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+               BIN_INDEX, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", RUN_CONFIG)
 _CKPT_OUTPUTS = ("config.json", "checkpoints")
 
 
@@ -205,7 +207,9 @@ def save_hf_model(params: Mapping | Callable[[tuple], np.ndarray], model_cfg: Mo
   def flush():
     nonlocal shard, shard_bytes
     if shard:
-      save_file(shard, out / f"_shard{len(files):05d}.safetensors", metadata={"format": "pt"})
+      path = out / f"_shard{len(files):05d}.safetensors"
+      save_file(shard, path, metadata={"format": "pt"})
+      os.chmod(path, 0o644)  # the writer creates 0600 files; an export is meant to be shared
       files.append(list(shard))
       shard, shard_bytes = {}, 0
 
@@ -298,6 +302,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
   out = prepare_out_dir(out_dir, overwrite)
   summary = save_hf_model(params, cfg.model, out, dtype, cfg.model.scan_layers, max_shard_bytes)
   save_hf_tokenizer(load_tokenizer(cfg.data.tokenizer_path), str(out))
+  (out / RUN_CONFIG).write_text(dumps(cfg))
   return {"out": str(out), "step": step, "dtype": dtype, **summary}
 
 
@@ -305,12 +310,18 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Option
               overwrite: bool = False) -> dict:
   """An HF StableLm directory -> a params-only step-0 checkpoint in workdir layout (see the module doc).
 
-  Without `cfg`, the run config is the defaults with the HF architecture (and
-  data.seq_len capped at its max_position_embeddings).
+  Without `cfg`, the run config is the one an export of ours saved next to the
+  weights, else the defaults with the HF architecture (data.seq_len capped at
+  its max_position_embeddings).
   """
   import jax
   from ar_lm_jax.checkpoint import Checkpointer
   from_hf = hf.model_config_from_hf(read_hf_config(hf_dir), cfg.model if cfg else None)
+  if cfg is None and (Path(hf_dir) / RUN_CONFIG).is_file():
+    try:
+      cfg = from_dict(Config, json.loads((Path(hf_dir) / RUN_CONFIG).read_text()))
+    except (json.JSONDecodeError, ConfigError) as e:
+      raise ConversionError(f"{Path(hf_dir) / RUN_CONFIG}: {e}") from None
   if cfg is None:
     seq_len = min(DataConfig().seq_len, from_hf.max_position_embeddings)
     cfg = Config(name=f"hf-{Path(hf_dir).absolute().name}", model=from_hf,

@@ -78,20 +78,25 @@ class _PackIterator(grain.DatasetIterator):
     row["source"] = self._source
     return row
 
-  def _read_block(self) -> None:
-    block = next(self._parent)
-    self._pending.append((self._parent_state, block))
-    self._parent_state = copy.deepcopy(self._parent.get_state())
-
   def _fill(self) -> None:
-    """Reads blocks until at least one row's worth is pending, then cuts all whole rows at once."""
+    """Reads blocks until enough tokens are pending, then cuts all whole rows at once.
+
+    Training streams never end; a finite parent ends the rows at its last whole row.
+    """
     L = self._seq_len
     have = sum(b["tokens"].size for _, b in self._pending) - self._offset
     want = max(L, _TOKENS_PER_FILL // L * L)
     empty = 0
     while have < want:
-      self._read_block()
-      n = self._pending[-1][1]["tokens"].size
+      try:
+        block = next(self._parent)
+      except StopIteration:
+        if have < L:
+          raise
+        break
+      self._pending.append((self._parent_state, block))
+      self._parent_state = copy.deepcopy(self._parent.get_state())
+      n = block["tokens"].size
       have += n
       empty = 0 if n else empty + 1
       if empty >= _MAX_EMPTY_BLOCKS and have < L:

@@ -93,13 +93,12 @@ def loss_sums(model: StableLM, params, batch: dict, cfg: Config):
   return loss_lib.nll_sums(hidden_BTD, params["lm_head"]["kernel"], targets_BT, mask_BT, cfg.model.dtype, cfg.train.loss_chunk_size)
 
 
-def train_step(state: State, batch: dict, *, model: StableLM, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, cfg: Config) -> tuple[State, dict]:
-  """One optimizer update over `optim.grad_accum_steps` micro-batches; a pure function of (state, batch).
+def loss_and_grads(params, batch: dict, *, model: StableLM, cfg: Config):
+  """Mean NLL over every scored token of the batch and its gradient, over `optim.grad_accum_steps` micro-batches.
 
-  The loss is the mean NLL over every scored token of the whole batch, so
-  accumulating micro-batches gives the same update as one large batch. A step
-  whose loss or gradient is not finite leaves params and optimizer state unchanged.
+  Each micro-batch's loss is divided by the token count of the whole batch, so
+  the accumulated gradient equals the gradient of one large batch while memory
+  holds one micro-batch's activations (the micro-batches run under lax.scan).
   """
   accum = cfg.optim.grad_accum_steps
   _, mask_BT = loss_lib.targets_and_mask(batch["tokens"], batch["segment_ids"])
@@ -111,7 +110,6 @@ def train_step(state: State, batch: dict, *, model: StableLM, tx: optax.Gradient
     return (s_nll + z * s_z) / n_tokens, s_nll
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
-  params = state["params"]
   if accum == 1:
     (_, s_nll), grads = grad_fn(params, batch)
   else:
@@ -121,18 +119,26 @@ def train_step(state: State, batch: dict, *, model: StableLM, tx: optax.Gradient
       x = jnp.swapaxes(x_BT.reshape(b, accum, *x_BT.shape[1:]), 0, 1)
       return jax.lax.with_sharding_constraint(x, P(None, sharding.DATA))
 
-    micro_batches = jax.tree.map(split, batch)
-
     def body(carry, micro):
       g_acc, nll_acc = carry
       (_, s_nll), g = grad_fn(params, micro)
       return (jax.tree.map(jnp.add, g_acc, g), nll_acc + s_nll), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, s_nll), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro_batches)
+    (grads, s_nll), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), jax.tree.map(split, batch))
+  return s_nll / n_tokens, grads, n_tokens
 
-  loss = s_nll / n_tokens
-  grad_norm = optax.global_norm(grads)
+
+def train_step(state: State, batch: dict, *, model: StableLM, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, cfg: Config) -> tuple[State, dict]:
+  """One optimizer update; a pure function of (state, batch).
+
+  A step whose loss or gradient is not finite leaves params and optimizer state
+  unchanged and is counted in `skipped_steps`.
+  """
+  params = state["params"]
+  loss, grads, n_tokens = loss_and_grads(params, batch, model=model, cfg=cfg)
+  grad_norm = optax.tree.norm(grads)
   updates, new_opt_state = tx.update(grads, state["opt_state"], params)
   new_params = optax.apply_updates(params, updates)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -143,7 +149,7 @@ def train_step(state: State, batch: dict, *, model: StableLM, tx: optax.Gradient
       "opt_state": keep(new_opt_state, state["opt_state"]),
       "skipped_steps": state["skipped_steps"] + (1 - ok.astype(jnp.int32)),
   }
-  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": n_tokens,
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"] + 1), "tokens": n_tokens,
              "finite": ok, "skipped_steps": new_state["skipped_steps"]}
   return new_state, metrics
 

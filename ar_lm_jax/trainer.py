@@ -6,6 +6,7 @@ read after step N+1 has been dispatched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -15,9 +16,10 @@ from typing import Any, Optional
 import jax
 
 from ar_lm_jax import data as data_lib
+from ar_lm_jax import evaluate as evaluate_lib
 from ar_lm_jax import perf, sharding
 from ar_lm_jax import train as train_lib
-from ar_lm_jax.checkpoint import Checkpointer
+from ar_lm_jax.checkpoint import BadStepGuard, Checkpointer, StopRequest
 from ar_lm_jax.config import Config, dumps
 from ar_lm_jax.metrics import MetricsWriter
 
@@ -27,6 +29,14 @@ log = logging.getLogger("ar_lm_jax")
 def _say(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
+
+
+def batch_hash(local_batch: dict) -> str:
+  """A cheap fingerprint of this process's batch, logged as `data/batch_hash` so runs can be compared batch by batch."""
+  h = hashlib.blake2b(digest_size=8)
+  for k in sorted(local_batch):
+    h.update(local_batch[k].tobytes())
+  return h.hexdigest()
 
 
 def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
@@ -43,12 +53,16 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   ckpt = Checkpointer(workdir / "checkpoints", cfg)
   data_iter = data_lib.make_train_iterator(cfg.data, seed=cfg.train.seed, process_index=jax.process_index(),
                                            process_count=jax.process_count())
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, setup.abstract_state, setup.state_shardings)
-    if data_state is not None:
-      data_iter.set_state(data_state)
-    _say(f"resuming from checkpoint step {latest} in {ckpt.directory}")
+  restored = ckpt.restore_latest(setup.abstract_state, setup.state_shardings)
+  if restored is not None:
+    state = restored.state
+    data_iter.set_state(restored.data_state)
+    _say(f"resuming from checkpoint step {restored.step} in {ckpt.directory}")
+  elif cfg.checkpoint.init_from:  # a fresh run (step 0, fresh optimizer) from given weights; a resume wins
+    from ar_lm_jax import hf_io
+    params = hf_io.init_params(cfg.checkpoint.init_from, cfg.model, setup.state_shardings["params"])
+    state = train_lib.state_from_params(setup, params)
+    _say(f"initialized the parameters from {cfg.checkpoint.init_from}")
   else:
     state = train_lib.init_state(setup, cfg.train.seed)
   start_step = int(jax.device_get(state["step"]))
@@ -60,16 +74,18 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
   _say(f"train step compiled in {compile_s:.1f}s")
 
+  # Held-out sets read, packed and the eval function compiled once, before the loop.
+  evaluator = evaluate_lib.TrainEvaluator(setup) if cfg.train.eval_every else None
   writer = MetricsWriter(workdir, enabled=is_main, total_steps=cfg.train.steps, progress=cfg.train.progress)
   writer.start_at(start_step)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   flops_per_token = perf.model_flops_per_token(cfg.model, cfg.data.seq_len)
   peak = perf.peak_flops_per_device()
   first_loss = last_loss = None
-  pending: Optional[tuple[int, dict]] = None
+  pending: Optional[tuple[int, dict, str]] = None
   t_last, step_last = time.perf_counter(), start_step
 
-  def report(step: int, metrics: dict) -> None:
+  def report(step: int, metrics: dict, data_hash: str) -> None:
     nonlocal first_loss, last_loss, t_last, step_last
     m = jax.device_get(metrics)
     loss = float(m["loss"])
@@ -83,26 +99,58 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     if peak:
       row["mfu"] = tps * flops_per_token / (peak * jax.device_count())
     row.update(data_iter.stats())
+    row["data/batch_hash"] = data_hash
     writer.write(step, row)
     writer.progress(step, loss, tps)
 
-  step = start_step
-  for step in range(start_step + 1, cfg.train.steps + 1):
-    batch = sharding.global_batch(next(data_iter), setup.mesh)
-    state, metrics = compiled(state, batch)
+  # Checkpoints, preemption and non-finite steps: a state is saved only when its last step was finite,
+  # so the newest checkpoint is always the last good one; a due save during a bad streak waits for a good step.
+  end_step = min(cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
+  bad = BadStepGuard(cfg.train.max_bad_steps)
+  stop = StopRequest(cfg.checkpoint.stop_check_every).install()
+  step, finite = start_step, None  # finite: the last step's flag, read once the next step is queued behind it
+  try:
+    while step < end_step and not stop.requested(step):
+      local_batch = next(data_iter)
+      batch = sharding.global_batch(local_batch, setup.mesh)
+      state, metrics = compiled(state, batch)
+      step += 1
+      if finite is not None:
+        bad.observe(step - 1, finite)
+      finite = metrics["finite"]
+      if pending is not None:
+        report(*pending)
+        pending = None
+      if step % cfg.train.log_every == 0 or step == end_step:
+        pending = (step, metrics, batch_hash(local_batch))
+      if bad.tripped:
+        break
+      if evaluator is not None and step % cfg.train.eval_every == 0:
+        jax.block_until_ready(state)  # the eval waits for this step anyway; waiting here keeps its time out of t_eval
+        t_eval = time.perf_counter()
+        writer.write(step, evaluator(state["params"]))
+        t_last += time.perf_counter() - t_eval  # keep eval time out of the next tokens_per_sec
+      if ckpt.due(step) and bad.finite_at(step, finite):
+        ckpt.save(step, state, data_iter.get_state())
     if pending is not None:
       report(*pending)
-      pending = None
-    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-      pending = (step, metrics)
-  if pending is not None:
-    report(*pending)
-
-  ckpt.save(int(jax.device_get(state["step"])), state, data_iter.get_state(), force=True)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+    if bad.tripped:
+      raise bad.error(ckpt.last_saved_step, ckpt.directory)
+    if step > start_step and step != ckpt.last_saved_step:
+      if bad.finite_at(step, finite):
+        ckpt.save(step, state, data_iter.get_state())
+      else:
+        _say(f"not saving step {step}: its last {bad.streak} step(s) were non-finite; "
+             f"the last good checkpoint is step {ckpt.last_saved_step}")
+    ckpt.wait()
+    if stop.signal:
+      _say(f"{stop.signal}: stopped at step {step} with a checkpoint in {ckpt.directory}; "
+           "run the same command again to continue")
+  finally:
+    stop.uninstall()
+    ckpt.close()
+    writer.close()
   summary = {"workdir": str(workdir), "metrics": str(workdir / "metrics.jsonl"),
              "checkpoints": str(ckpt.directory), "steps": step, "first_loss": first_loss, "last_loss": last_loss,
-             "compile_s": compile_s}
+             "compile_s": compile_s, "stop_signal": stop.signal}
   return summary

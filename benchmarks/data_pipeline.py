@@ -2,8 +2,8 @@
 
   python -m benchmarks.data_pipeline [--mb=8] [--seq_len=4096] [--batch_size=8] [--batches=60]
 
-Writes a synthetic bilingual corpus (words drawn from Zipf-weighted English and Arabic word lists,
-log-normal document lengths) into a temp dir, then times in this process, with no prefetch thread
+Writes a synthetic bilingual corpus (Zipf-weighted English and Arabic word lists plus made-up rare
+words, numbers and punctuation; log-normal document lengths) into a temp dir, then times in this process, with no prefetch thread
 and no worker processes:
 
   on-the-fly     JSONL (.zst for Arabic) -> parse -> tokenize -> pack -> mix -> batch
@@ -80,10 +80,21 @@ AR_WORDS = """في من على إلى أن هذا التي الذي كان عن 
 """.split()
 
 
-def _zipf_words(words: list[str], n: int, rng: np.random.Generator) -> str:
+def _zipf_words(words: list[str], alphabet: str, n: int, rng: np.random.Generator) -> str:
+  """Zipf-weighted common words, plus 15% rare made-up words, numbers and punctuation (harder for BPE)."""
   p = 1.0 / np.arange(1, len(words) + 1)
   idx = rng.choice(len(words), size=n, p=p / p.sum())
-  return " ".join(words[i] for i in idx)
+  out = []
+  for i, u in zip(idx, rng.random(n)):
+    if u < 0.12:
+      out.append("".join(rng.choice(list(alphabet), size=rng.integers(3, 12))))
+    elif u < 0.15:
+      out.append(str(rng.integers(0, 100000)))
+    else:
+      out.append(words[i])
+    if u > 0.93:
+      out[-1] += "." if u > 0.97 else ","
+  return " ".join(out)
 
 
 def write_corpus(directory: str, mb: float, seed: int = 0) -> dict[str, str]:
@@ -91,10 +102,11 @@ def write_corpus(directory: str, mb: float, seed: int = 0) -> dict[str, str]:
   rng = np.random.default_rng(seed)
   paths = {}
   for lang, words, compress in (("en", EN_WORDS, False), ("ar", AR_WORDS, True)):
+    alphabet = "".join(sorted(set("".join(words))))
     lines, size = [], 0
     while size < mb * 1e6:
       n = int(np.clip(rng.lognormal(5.5, 0.8), 5, 5000))
-      line = json.dumps({"text": _zipf_words(words, n, rng), "lang": lang}, ensure_ascii=False) + "\n"
+      line = json.dumps({"text": _zipf_words(words, alphabet, n, rng), "lang": lang}, ensure_ascii=False) + "\n"
       lines.append(line)
       size += len(line.encode())
     raw = "".join(lines).encode()

@@ -4,9 +4,11 @@ With no arguments it trains `tiny` on the bundled bilingual sample.
 """
 
 import json
+import sys
 import time
 
 from ar_lm_jax import cli
+from ar_lm_jax.config import override
 
 
 def main() -> int:
@@ -18,11 +20,17 @@ def main() -> int:
   p.add_argument("--num_processes", type=int, default=None, help="number of processes (multi-host)")
   p.add_argument("--process_id", type=int, default=None, help="this process's index (multi-host)")
   cfg, args = cli.parse_args(p)
+  if args.init_from_hf:  # shorthand for --config.checkpoint.init_from, so the run's config.json records it
+    cfg = override(cfg, "checkpoint.init_from", args.init_from_hf)
 
-  from ar_lm_jax import distributed, trainer  # jax is imported only after the flags parsed
+  from ar_lm_jax import checkpoint, distributed, trainer  # jax is imported only after the flags parsed
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   workdir = args.workdir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-  summary = trainer.run(cfg, workdir)
+  try:
+    summary = trainer.run(cfg, workdir)
+  except checkpoint.NonFiniteError as e:  # a failed run, not bad input: exit 1, one line
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   print(f"metrics: {summary['metrics']}\ncheckpoints: {summary['checkpoints']}")
   print(json.dumps(summary))
   return 0

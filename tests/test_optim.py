@@ -278,7 +278,8 @@ def test_adamw_matches_numpy_reference(clip_norm):
   flat = lambda t: {"/".join(str(k.key) for k in path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(t)[0]}
   mask = flat(optim.decay_mask(tree, decay_embeddings=False))
   assert {k for k, m in mask.items() if m} == {"q_proj/kernel"}
-  want = reference_adamw(flat(params), [flat(g) for g in grads], [0.01, 0.02], mask,
+  # Update s (counting from 1) applies schedule(s): 0.02 then 0.03 on this warmup from 0.01 to 0.03 over 2 steps.
+  want = reference_adamw(flat(params), [flat(g) for g in grads], [0.02, 0.03], mask,
                          b1=0.9, b2=0.95, eps=1e-8, wd=0.1, clip=clip_norm)
   got = flat(p)
   for k in want:

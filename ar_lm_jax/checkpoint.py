@@ -284,12 +284,14 @@ class Checkpointer:
 
   def _check_fits(self, step: int, saved: dict[str, tuple], target: Any) -> None:
     want = {path_str(p): (tuple(a.shape), str(a.dtype)) for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}
-    wrong = [f"{k} is missing" if k not in saved else f"{k} is {saved[k][0]} {saved[k][1]} there, {v[0]} {v[1]} here"
-             for k, v in want.items() if saved.get(k) != v]
-    wrong += [f"{k} is not in this run's state" for k in saved if k not in want]
+    params_first = sorted(set(want) | set(saved), key=lambda k: (not k.startswith("params/"), k))
+    wrong = [f"{k} is not in this run's state" if k not in want else f"{k} is missing" if k not in saved
+             else f"{k} is {saved[k][0]} {saved[k][1]} there, {want[k][0]} {want[k][1]} here"
+             for k in params_first if saved.get(k) != want.get(k)]
     if wrong:
+      more = f" (and {len(wrong) - 2} more)" if len(wrong) > 2 else ""
       raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this run's state: "
-                            f"{'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''} (same model and optimizer config?)")
+                            f"{'; '.join(wrong[:2])}{more}; is it the same model and optimizer config?")
 
   def _note_config_changes(self, step: int, saved: dict) -> None:
     now, then = _flatten(config_lib.to_dict(self.cfg)), _flatten(saved)

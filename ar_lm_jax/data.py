@@ -7,8 +7,8 @@
 Each source is packed into rows on its own (`packing`: concat-then-split, no padding) and whole
 rows are then mixed with grain's `IterDataset.mix`, so the token share of each language equals
 its configured weight up to one row. Staged mixtures (weights that change at given train steps,
-as in Llama 3 and OLMo) open a new grain mixture at each stage boundary and carry every source's
-position over to it, keyed by source.
+as in Llama 3 and OLMo) build a new grain mixture at each stage boundary over the same live
+source iterators, so every source simply continues where it was.
 
 A batch is one train step: [data.batch_size // process_count, seq_len] rows of this process.
 `worker_count > 0` moves each source's reading, tokenizing and packing into that many grain
@@ -71,32 +71,69 @@ def language_shares(cfg: DataConfig, weights: list[float]) -> dict[str, float]:
   return shares
 
 
+class _LentIterator(grain.DatasetIterator):
+  """A source iterator lent to one grain mixture: everything is forwarded but `close`.
+
+  A mixture that is replaced (at a stage change or a restore) is garbage, and grain closes a
+  garbage iterator's parents; the sources must outlive it, so their owner closes them.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    super().__init__(iterator)
+
+  def __next__(self) -> Any:
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+  def close(self) -> None:
+    pass
+
+
+class _LiveIterDataset(grain.IterDataset):
+  """Hands an iterator that already exists to grain's mix, which then continues it where it is."""
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    super().__init__()
+    self._iterator = iterator
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _LentIterator(self._iterator)
+
+
 class _StagedMixIterator(grain.DatasetIterator):
-  """Rows mixed by grain's `IterDataset.mix`, with weights that change at given row counts."""
+  """Rows mixed by grain's `IterDataset.mix`, with weights that change at given row counts.
+
+  Each source's iterator lives for the whole run; a stage change only builds a new grain
+  mixture over the same iterators, so no source is re-opened or re-read.
+  """
 
   def __init__(self, rows: dict[str, grain.IterDataset], stages: list[tuple[int, dict[str, float]]]):
     super().__init__()
     self._rows, self._stages = rows, stages
     self._starts = [start for start, _ in stages]
     self._row = 0
+    self._iterators: Optional[dict[str, grain.DatasetIterator]] = None  # per source, made on first use
     self._stage = -1
     self._mix: Optional[grain.DatasetIterator] = None
-    self._parked: dict[str, Any] = {}  # states of sources outside the open mixture
+
+  def _sources(self) -> dict[str, grain.DatasetIterator]:
+    if self._iterators is None:
+      self._iterators = {k: ds.__iter__() for k, ds in self._rows.items()}
+    return self._iterators
 
   def _open(self, stage: int) -> None:
-    self._close_mix()
     start, weights = self._stages[stage]
-    weights = {k: w for k, w in weights.items() if w > 0}
-    mix = grain.IterDataset.mix({k: self._rows[k] for k in weights}, weights).__iter__()
-    mix.set_state({"parents": {k: self._parked[k] for k in weights if k in self._parked},
-                   "index": self._row - start, "stop": False})
+    weights = {k: w for k, w in weights.items() if w > 0}  # grain's mix takes positive weights only
+    sources = self._sources()
+    mix = grain.IterDataset.mix({k: _LiveIterDataset(sources[k]) for k in weights}, weights).__iter__()
+    # Sources keep their own positions; only the mixture's own counter is restored.
+    mix.set_state({"parents": {}, "index": self._row - start, "stop": False})
     self._mix, self._stage = mix, stage
-
-  def _close_mix(self) -> None:
-    if self._mix is not None:
-      self._parked.update(self._mix.get_state()["parents"])
-      self._mix.close()
-      self._mix, self._stage = None, -1
 
   def __next__(self) -> dict[str, np.ndarray]:
     stage = bisect.bisect_right(self._starts, self._row) - 1
@@ -107,24 +144,22 @@ class _StagedMixIterator(grain.DatasetIterator):
     return row
 
   def get_state(self) -> dict[str, Any]:
-    sources = dict(self._parked)
-    if self._mix is not None:
-      sources.update(self._mix.get_state()["parents"])
-    return {"row": self._row, "sources": sources}
+    return {"row": self._row, "sources": {k: it.get_state() for k, it in self._sources().items()}}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if self._mix is not None:
-      self._mix.close()
-      self._mix, self._stage = None, -1
-    self._row, self._parked = state["row"], dict(state["sources"])
+    for k, it in self._sources().items():
+      if k in state["sources"]:
+        it.set_state(state["sources"][k])
+    self._row = state["row"]
+    self._mix, self._stage = None, -1
 
   def start_prefetch(self) -> None:
-    if self._mix is not None:
-      self._mix.start_prefetch()
+    for it in self._sources().values():
+      it.start_prefetch()
 
   def close(self) -> None:
-    if self._mix is not None:
-      self._mix.close()
+    for it in (self._iterators or {}).values():
+      it.close()
     super().close()
 
 

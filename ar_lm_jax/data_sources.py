@@ -54,6 +54,7 @@ MANIFEST = "manifest.json"
 RECORD_DTYPE = np.dtype("<i4")  # pre-tokenized ids on disk
 DOCS_PER_BLOCK = 64  # documents tokenized together, and the granularity of a packer's checkpoint
 _FILES_OPEN_PER_SOURCE = 4  # streamed files a source reads interleaved at a time
+_RECORDS_BUFFERED_PER_FILE = 256  # records read ahead per open file
 _PROBE_RECORDS = 1000  # records read at start-up to check that a streamed source has usable documents
 _EXTENSIONS = {
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
@@ -131,16 +132,20 @@ def resolve_source(src: SourceConfig, index: int, tokenizer: Optional[Arcade100k
   files = _list_path(path)
   if not files:
     raise ConfigError(f"{where}: path matches no files")
+  found = {f: format_of(f) for f in files}
+  if os.path.isdir(path):  # a directory may hold READMEs and the like: keep the data files
+    known = [f for f in files if found[f] is not None]
+    files = [f for f in known if found[f] == src.format] or (known if src.format == "auto" else files)
   fmt = src.format
   if fmt == "auto":
-    found = {f: format_of(f) for f in files}
-    unknown = [f for f, x in found.items() if x is None]
-    if unknown:
-      raise ConfigError(f"{where}: unknown format of {unknown[0]!r} (known extensions: "
+    unknown = [f for f in files if found[f] is None]
+    if unknown or not files:
+      shown = repr(unknown[0]) if unknown else "its files"
+      raise ConfigError(f"{where}: unknown format of {shown} (known extensions: "
                         f"{', '.join(sorted(_EXTENSIONS))}, with .gz/.zst for jsonl and text); set `format`")
-    kinds = sorted(set(found.values()))
+    kinds = sorted({found[f] for f in files})
     if len(kinds) > 1:
-      raise ConfigError(f"{where}: files of several formats {kinds}; use one source per format")
+      raise ConfigError(f"{where}: files of several formats {kinds}; set `format` or use one source per format")
     fmt = kinds[0]
   resolved = ResolvedSource(index, src.lang, fmt, tuple(files), src.text_field, src.text_unit)
   if fmt == "arrayrecord":
@@ -489,10 +494,12 @@ def block_dataset(src: ResolvedSource, tokenizer: Arcade100k, *, seed: int, shuf
     return blocks.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   shards = _file_shards(src, process_index, process_count)
   files = grain.MapDataset.source(shards)
-  if shuffle:
+  if shuffle and len(shards) > 1:
     files = files.shuffle(seed=seed)
   files = files.repeat().map(functools.partial(_FileRecordsIterDataset, src))
-  records = grain.experimental.InterleaveIterDataset(files, cycle_length=min(len(shards), _FILES_OPEN_PER_SOURCE))
+  # Each open file is read ahead on its own thread; a deep buffer saves a thread hand-off per record.
+  records = grain.experimental.InterleaveIterDataset(files, cycle_length=min(len(shards), _FILES_OPEN_PER_SOURCE),
+                                                     iter_buffer_size=_RECORDS_BUFFERED_PER_FILE)
   if shuffle:
     records = grain.experimental.WindowShuffleIterDataset(records, window_size=shuffle_window, seed=seed)
   return records.batch(DOCS_PER_BLOCK, batch_fn=TokenizeBlock(tokenizer))

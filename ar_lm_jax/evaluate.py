@@ -27,6 +27,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -39,7 +40,7 @@ from ar_lm_jax import checkpoint as checkpoint_lib
 from ar_lm_jax import data_sources, sharding
 from ar_lm_jax import loss as loss_lib
 from ar_lm_jax import train as train_lib
-from ar_lm_jax.config import Config, ConfigError, MeshConfig
+from ar_lm_jax.config import REPO_ROOT, Config, ConfigError
 from ar_lm_jax.tokenizer import Arcade100k, load_tokenizer
 
 ROW_KEYS = ("tokens", "segment_ids", "positions")
@@ -211,6 +212,19 @@ def fertility(texts: Sequence[str], tok: Arcade100k) -> dict[str, float]:
           "tokens_per_word": tokens / max(words, 1), "tokens_per_byte": tokens / max(n_bytes, 1)}
 
 
+def heldout_texts(cfg: Config, max_docs: int) -> dict[str, list[str]]:
+  """The first `max_docs` documents per language of `data.eval_sources` (sources of one language add up)."""
+  tok = load_tokenizer(cfg.data.tokenizer_path)
+  texts: dict[str, list[str]] = {}
+  for i, src in enumerate(cfg.data.eval_sources):
+    resolved = data_sources.resolve_source(src, i, tok)
+    if resolved.format == "arrayrecord":
+      raise ConfigError(f"data.eval_sources[{i}]: evaluation reads text (jsonl, parquet, text), not pre-tokenized ArrayRecord")
+    have = texts.setdefault(src.lang, [])
+    have += itertools.islice(data_sources.iter_documents(resolved), max(max_docs - len(have), 0))
+  return texts
+
+
 # ---------------------------------------------------------------------------
 # During training.
 
@@ -225,13 +239,7 @@ class TrainEvaluator:
   def __init__(self, setup: train_lib.Setup):
     cfg = setup.cfg
     tok = load_tokenizer(cfg.data.tokenizer_path)
-    texts: dict[str, list[str]] = {}
-    for i, src in enumerate(cfg.data.eval_sources):
-      resolved = data_sources.resolve_source(src, i, tok)
-      if resolved.format == "arrayrecord":
-        raise ConfigError(f"data.eval_sources[{i}]: evaluation reads text (jsonl, parquet, text), not pre-tokenized ArrayRecord")
-      have = texts.setdefault(src.lang, [])
-      have += itertools.islice(data_sources.iter_documents(resolved), cfg.train.eval_max_docs - len(have))
+    texts = heldout_texts(cfg, cfg.train.eval_max_docs)
     self.corpora = [encode_corpus(lang, t, tok, cfg.data.seq_len) for lang, t in texts.items()]
     self.scorer = Scorer(setup, cfg.data.batch_size // cfg.optim.grad_accum_steps)
     self.batches = [self.scorer.device_batches(c.rows) for c in self.corpora]
@@ -248,6 +256,17 @@ class TrainEvaluator:
 
 # ---------------------------------------------------------------------------
 # From a saved run (the command-line tools and the notebook).
+
+
+def default_workdir(env: str = "AR_LM_JAX_WORKDIR") -> Path:
+  """$AR_LM_JAX_WORKDIR, else the newest run under runs/ that has a checkpoint (the default train command's)."""
+  if os.environ.get(env):
+    return Path(os.environ[env])
+  runs = sorted((p for p in (REPO_ROOT / "runs").glob("*") if (p / "checkpoints").is_dir()), key=lambda p: p.stat().st_mtime)
+  if not runs:
+    raise EvalError(f"${env} is not set and {REPO_ROOT / 'runs'} holds no run with checkpoints; "
+                    "train one with `python -m experiments.train`")
+  return runs[-1]
 
 
 def checkpoint_location(workdir: Optional[str] = None, checkpoint: Optional[str] = None,

@@ -11,8 +11,9 @@ A schedule is a list of phases (`optim.phases`), each one of
 where s is the step within the phase, L its length, a the lr it starts at (the
 previous phase's end_lr, or optim.init_lr for the first) and b its own end_lr. So
 consecutive phases always join: no phase can jump. After the last phase the lr
-holds at its end_lr. Step t is the update whose lr is schedule(t); optax counts
-updates from 0, so schedule(0) == init_lr.
+holds at its end_lr. Update t, counting from 1 as the trainer logs and
+checkpoints steps, applies schedule(t); schedule(0) == init_lr is where the
+curve starts (with a warmup from 0, the first update already has a non-zero lr).
 
 The schedule is a pure function of the step. A run that decides at step 250k to
 start cooling down at 300k edits its phases and resumes: nothing about the

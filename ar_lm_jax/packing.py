@@ -32,7 +32,8 @@ import numpy as np
 
 from ar_lm_jax.data_sources import SKIP_REASONS
 
-_TOKENS_PER_FILL = 1 << 16  # tokens cut into rows at once: amortizes numpy call overhead
+_TOKENS_PER_FILL = 1 << 16  # tokens cut into rows at once, to amortize numpy call overhead...
+_ROWS_PER_FILL = 64  # ...but no more rows than this, so short rows do not read far ahead
 _MAX_EMPTY_BLOCKS = 2000  # consecutive blocks without a document after which a source is declared unusable
 
 
@@ -85,7 +86,7 @@ class _PackIterator(grain.DatasetIterator):
     """
     L = self._seq_len
     have = sum(b["tokens"].size for _, b in self._pending) - self._offset
-    want = max(L, _TOKENS_PER_FILL // L * L)
+    want = L * max(1, min(_ROWS_PER_FILL, _TOKENS_PER_FILL // L))
     empty = 0
     while have < want:
       try:
@@ -99,7 +100,9 @@ class _PackIterator(grain.DatasetIterator):
       n = block["tokens"].size
       have += n
       empty = 0 if n else empty + 1
-      if empty >= _MAX_EMPTY_BLOCKS and have < L:
+      if empty >= _MAX_EMPTY_BLOCKS:  # the source has stopped yielding documents
+        if have >= L:
+          break
         skipped = sum(b["skipped"] for _, b in self._pending)
         counts = {r: int(c) for r, c in zip(SKIP_REASONS, skipped) if c}
         raise RuntimeError(f"data source {self._name}: no usable document in the last {empty} blocks read "

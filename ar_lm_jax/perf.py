@@ -1,15 +1,24 @@
-"""Model FLOPs per token and peak device FLOP/s, for MFU."""
+"""Performance: model FLOPs per token, peak device FLOP/s (for MFU), XLA flags, and the train-step benchmark.
+
+`benchmark(cfg, steps)` is what `python -m experiments.benchmark` runs: it
+compiles the real train step ahead of time, times it on a synthetic packed
+batch and, with `compare_torch`, alternates with the transformers baseline of
+`hf_baseline.py` in the same process so both see the same machine load.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
+import statistics
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ar_lm_jax.config import ModelConfig
+from ar_lm_jax.config import Config, ConfigError, ModelConfig
 
 # Dense bf16 peak FLOP/s per chip (vendor data sheets, without sparsity).
 PEAK_FLOPS = {
@@ -50,12 +59,195 @@ def peak_flops_per_device() -> Optional[float]:
 @functools.lru_cache(maxsize=None)
 def measured_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
   """The best rate of an n x n x n fp32 matmul on this CPU (all cores), in FLOP/s."""
-  a = jnp.ones((n, n), jnp.float32)
+  return _matmul_probe(n)(repeats)
+
+
+def _matmul_probe(n: int) -> Callable[[int], float]:
+  """A compiled n^3 fp32 matmul; calling it with `repeats` returns its best rate in FLOP/s."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
+
+  def rate(repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+      t = time.perf_counter()
+      f(a).block_until_ready()
+      best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+  return rate
+
+
+# ---------------------------------------------------------------------------
+# XLA flags.
+
+# Set on GPU only, before the backend starts (XLA reads XLA_FLAGS once). The set MaxText and
+# NVIDIA's JAX-Toolbox recommend for transformer training on H100; docs/performance.md says why
+# each one is there.
+GPU_XLA_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",  # schedule async collectives/copies to overlap compute
+    "--xla_gpu_enable_triton_gemm=false",  # cuBLAS(Lt) for the dense GEMMs; Triton GEMM autotuning costs compile time for no gain
+    "--xla_gpu_enable_highest_priority_async_stream=true",  # collectives never queue behind compute kernels
+    "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",  # fewer, larger gradient all-reduces (data parallel)
+    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",  # fewer, larger parameter all-gathers (FSDP)
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864",  # fewer, larger reduce-scatters (ZeRO / FSDP)
+    "--xla_gpu_enable_pipelined_all_gather=true",  # prefetch the next scanned layer's weights during this one
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",  # and push its gradients out during the next
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+    "--xla_gpu_enable_while_loop_double_buffering=true",  # lets the scan over layers overlap iterations' transfers
+)
+
+
+def gpu_present() -> bool:
+  """Whether a CUDA device is visible, decided without starting a JAX backend."""
+  if os.environ.get("JAX_PLATFORMS", "").strip().lower() in ("cpu", "tpu"):
+    return False
+  if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+    return False
+  return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+def gpu_xla_flags() -> tuple[str, ...]:
+  return GPU_XLA_FLAGS
+
+
+def apply_gpu_xla_flags() -> list[str]:
+  """Adds GPU_XLA_FLAGS to XLA_FLAGS when a GPU is present; flags the user already set win.
+
+  Must run before JAX starts its backend: entry points call it first thing.
+  Returns the flags added.
+  """
+  if not gpu_present():
+    return []
+  current = os.environ.get("XLA_FLAGS", "")
+  have = {f.split("=")[0] for f in current.split()}
+  added = [f for f in gpu_xla_flags() if f.split("=")[0] not in have]
+  if added:
+    os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+  return added
+
+
+# ---------------------------------------------------------------------------
+# The train-step benchmark.
+
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0, mean_doc_len: int = 0) -> dict[str, np.ndarray]:
+  """A packed batch like the data pipeline's: documents of random length back to back, positions restarting.
+
+  Token ids are uniform over `vocab`, so nothing about the step's cost depends on text.
+  """
+  rng = np.random.default_rng(seed)
+  mean_doc_len = mean_doc_len or max(seq_len // 4, 1)
+  tokens = rng.integers(0, vocab, (batch_size, seq_len), dtype=np.int32)
+  segment_ids = np.zeros((batch_size, seq_len), np.int32)
+  positions = np.zeros((batch_size, seq_len), np.int32)
+  for b in range(batch_size):
+    t, seg = 0, 1
+    while t < seq_len:
+      n = min(int(rng.geometric(1.0 / mean_doc_len)), seq_len - t)
+      segment_ids[b, t:t + n] = seg
+      positions[b, t:t + n] = np.arange(n)
+      t, seg = t + n, seg + 1
+  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+
+def memory_summary(compiled) -> dict[str, int]:
+  """The compiled step's memory_analysis() as plain ints (bytes); empty where the backend gives none."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return {}
+  if m is None:
+    return {}
+  keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+          "generated_code_size_in_bytes")
+  return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
+
+
+def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool = False, torch_adamw: str = "default",
+              say: Callable[[str], None] = print) -> dict[str, Any]:
+  """Compiles the train step ahead of time, times `steps` steps after `warmup`, and reports tokens/s and MFU.
+
+  Timed steps run in blocks of one, each followed on CPU by a probe of the
+  matmul rate and, with `compare_torch`, one step of the PyTorch baseline, so
+  that every number is measured under the same machine load. Step times are
+  medians over the timed steps.
+  """
+  from ar_lm_jax import sharding
+  from ar_lm_jax import train as train_lib
+
+  if steps < 1 or warmup < 0:
+    raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+  if jax.process_count() > 1:
+    raise ConfigError("the benchmark runs in a single process")
+  setup = train_lib.build(cfg)
+  platform = jax.devices()[0].platform
+  B, T = cfg.data.batch_size, cfg.data.seq_len
+  batch_np = synthetic_batch(B, T, min(cfg.model.vocab_size, 100289), seed=cfg.train.seed)
+  say(f"{cfg.name}: {B} x {T} tokens per step, mesh {dict(setup.mesh.shape)} on {jax.device_count()} {platform} "
+      f"device(s) ({jax.devices()[0].device_kind})")
+
+  with setup.activate():
+    t0 = time.perf_counter()
+    lowered = train_lib.jit_train_step(setup).lower(setup.abstract_state, train_lib.abstract_batch(cfg))
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+  mem = memory_summary(compiled)
+  say(f"compiled in {compile_s:.1f}s; memory_analysis: " +
+      (", ".join(f"{k.replace('_size_in_bytes', '')} {v / 2**20:,.1f} MiB" for k, v in mem.items()) or "n/a"))
+
+  state = train_lib.init_state(setup, cfg.train.seed)
+  batch = sharding.global_batch(batch_np, setup.mesh)
+  probe = _matmul_probe(2048) if platform == "cpu" else None
+  baseline = None
+  if compare_torch:
+    from ar_lm_jax.hf_baseline import TorchBaseline
+    threads = os.cpu_count() if platform == "cpu" else 1
+    baseline = TorchBaseline(cfg, batch_np, threads=threads, adamw=torch_adamw, seed=cfg.train.seed)
+    say(f"torch baseline: transformers StableLmForCausalLM + torch.optim.AdamW ({torch_adamw}), {threads} threads")
+
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    if baseline is not None:
+      baseline.step()
+  ours, theirs, rates = [], [], []
+  for i in range(steps):
     t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    ours.append(time.perf_counter() - t)
+    if probe is not None:
+      rates.append(probe(3))
+    if baseline is not None:
+      theirs.append(baseline.timed_step())
+    say(f"step {i + 1}/{steps}: ours {ours[-1]:.3f}s" + (f", torch {theirs[-1]:.3f}s" if theirs else "") +
+        (f", matmul {rates[-1] / 1e9:.1f} GFLOP/s" if rates else ""))
+  loss = float(jax.device_get(metrics["loss"]))
+
+  step_time = statistics.median(ours)
+  tokens_per_sec = B * T / step_time
+  flops_per_token = model_flops_per_token(cfg.model, T)
+  peak = statistics.median(rates) if rates else peak_flops_per_device()
+  result: dict[str, Any] = {
+      "config": cfg.name,
+      "device": jax.devices()[0].device_kind,
+      "num_devices": jax.device_count(),
+      "steps": steps,
+      "loss": loss,
+      "tokens_per_sec": tokens_per_sec,
+      "step_time_s": step_time,
+      "step_time_min_s": min(ours),
+      "compile_s": compile_s,
+      "model_flops_per_token": flops_per_token,
+      "peak_flops": peak,
+      "peak_flops_source": "measured 2048^3 fp32 matmul, median over the run" if rates else "data sheet, dense bf16",
+      "mfu": tokens_per_sec * flops_per_token / (peak * jax.device_count()) if peak else None,
+      "memory": mem,
+  }
+  if baseline is not None:
+    torch_step = statistics.median(theirs)
+    result.update({"torch_tokens_per_sec": B * T / torch_step, "torch_step_time_s": torch_step,
+                   "torch_adamw": torch_adamw, "speedup": torch_step / step_time})
+  return result

@@ -56,7 +56,7 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int
   return data, model
 
 
-def validate(cfg: Config, num_devices: int) -> tuple[int, int]:
+def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int, int]:
   """The mesh shape, after checking that the model and batch divide over it."""
   data, model = resolve_mesh_shape(cfg.mesh, num_devices)
   m = cfg.model
@@ -71,16 +71,32 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, int]:
     raise ConfigError(f"data.batch_size: the micro-batch of {micro} sequences "
                       f"(batch_size {cfg.data.batch_size} / grad_accum_steps {cfg.optim.grad_accum_steps}) "
                       f"does not divide over mesh.data={data}")
-  if cfg.data.batch_size % jax.process_count():
-    raise ConfigError(f"data.batch_size: {cfg.data.batch_size} does not divide over {jax.process_count()} processes")
+  # Each process loads only its own slice of the batch, so a data replica (one row of the mesh)
+  # must not straddle processes: two processes would have to load the same rows.
+  if data % num_processes:
+    raise ConfigError(f"mesh.model: {model} spans processes ({num_devices // num_processes} devices each); "
+                      f"mesh.data={data} must be a multiple of the {num_processes} processes")
   return data, model
+
+
+def device_grid(devices: list, data: int, model: int) -> np.ndarray:
+  """Devices as a [data, model] array, process-major.
+
+  Each process's devices then fill whole rows, so its local batch is one contiguous
+  slice of the global batch (what make_array_from_process_local_data assumes) and each
+  model-parallel group sits on neighbouring devices of one host (the fast links).
+  """
+  ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+  grid = np.empty(len(ordered), dtype=object)
+  grid[:] = ordered
+  return grid.reshape(data, model)
 
 
 def make_mesh(cfg: Config, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
-  data, model = validate(cfg, len(devices))
-  # Model-parallel groups on neighbouring devices (the fast links within a host).
-  return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
+  num_processes = len({d.process_index for d in devices})
+  data, model = validate(cfg, len(devices), num_processes)
+  return Mesh(device_grid(devices, data, model), (DATA, MODEL))
 
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, mesh_cfg: MeshConfig) -> Any:

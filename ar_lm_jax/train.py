@@ -90,7 +90,8 @@ def loss_sums(model: StableLM, params, batch: dict, cfg: Config):
   """(sum of NLL, sum of log(Z)^2) over the batch's scored positions."""
   hidden_BTD = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], return_hidden=True)
   targets_BT, mask_BT = loss_lib.targets_and_mask(batch["tokens"], batch["segment_ids"])
-  return loss_lib.nll_sums(hidden_BTD, params["lm_head"]["kernel"], targets_BT, mask_BT, cfg.model.dtype, cfg.train.loss_chunk_size)
+  return loss_lib.nll_sums(hidden_BTD, params["lm_head"]["kernel"], targets_BT, mask_BT, cfg.model.dtype, cfg.train.loss_chunk_size,
+                           z_grad=cfg.optim.z_loss > 0)
 
 
 def loss_and_grads(params, batch: dict, *, model: StableLM, cfg: Config):

@@ -23,16 +23,27 @@ def main() -> int:
   if args.init_from_hf:  # shorthand for --config.checkpoint.init_from, so the run's config.json records it
     cfg = override(cfg, "checkpoint.init_from", args.init_from_hf)
 
+  from ar_lm_jax import perf  # XLA reads XLA_FLAGS once, when a backend starts: the GPU flags go first
+  perf.apply_gpu_xla_flags()
   from ar_lm_jax import checkpoint, distributed, trainer  # jax is imported only after the flags parsed
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  import jax
+  is_main = jax.process_index() == 0  # only process 0 prints (and logs, and writes metrics)
+  if args.dry_run:
+    from ar_lm_jax import dry_run
+    report = dry_run.dry_run(cfg)
+    if is_main:
+      print(json.dumps(report))
+    return 0
   workdir = args.workdir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
   try:
     summary = trainer.run(cfg, workdir)
   except checkpoint.NonFiniteError as e:  # a failed run, not bad input: exit 1, one line
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"metrics: {summary['metrics']}\ncheckpoints: {summary['checkpoints']}")
-  print(json.dumps(summary))
+  if is_main:
+    print(f"metrics: {summary['metrics']}\ncheckpoints: {summary['checkpoints']}")
+    print(json.dumps(summary))
   return 0
 
 

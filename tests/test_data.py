@@ -49,7 +49,7 @@ def corpus(tmp_path_factory):
 
 
 def cfg_for(*sources, **kw):
-  kw = {"seq_len": 16, "batch_size": 8, "prefetch": 0, "shuffle_window": 16, **kw}
+  kw = {"seq_len": 16, "batch_size": 8, "prefetch": 0, **kw}
   return DataConfig(sources=tuple(sources), **kw)
 
 

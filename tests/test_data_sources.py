@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import gzip
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -80,7 +80,10 @@ def test_paths_file_glob_directory(tmp_path):
   write_jsonl(tmp_path / "sub" / "part-9.jsonl.gz", DOCS[:2], "gz")
   assert len(resolve(tmp_path / "part-0.jsonl").files) == 1
   assert len(resolve(tmp_path / "part-*.jsonl").files) == 3
-  assert len(resolve(tmp_path).files) == 4  # directories are walked
+  (tmp_path / "README.md").write_text("not data")
+  assert len(resolve(tmp_path).files) == 4  # directories are walked; files of no known format are left out
+  (tmp_path / "x.parquet").write_bytes(b"")
+  assert len(resolve(tmp_path, fmt="jsonl").files) == 4  # an explicit format picks its files
 
 
 def test_fatal_config_errors_name_the_source(tmp_path):
@@ -145,7 +148,7 @@ def test_record_shards_are_disjoint_and_complete(tmp_path):
 def _epoch_docs(src, process_index, process_count, seed=0, shuffle=True, blocks=None):
   """Documents (as token tuples, EOS dropped) from the first `blocks` blocks of a process's stream."""
   tok = load_tokenizer()
-  it = ds.block_dataset(src, tok, seed=seed, shuffle=shuffle, shuffle_window=8, process_index=process_index,
+  it = ds.block_dataset(src, tok, seed=seed, shuffle=shuffle, shuffle_window=64, process_index=process_index,
                         process_count=process_count).__iter__()
   out = []
   for _ in range(blocks):
@@ -170,6 +173,16 @@ def test_process_shards_of_streamed_source(tmp_path, num_files):
   first = [set(_epoch_docs(src, p, 2, blocks=1)) for p in range(2)]
   assert not first[0] & first[1]
   assert {ids[d] for d in first[0] | first[1]} == set(DOCS)
+
+
+def test_streamed_source_reshuffles_each_epoch(tmp_path):
+  for i in range(5):
+    write_jsonl(tmp_path / f"p{i}.jsonl", DOCS[i::5])
+  src = resolve(tmp_path / "p*.jsonl")
+  docs = _epoch_docs(src, 0, 1, blocks=6)[:160]  # 4 epochs of 40 documents
+  counts = collections.Counter(docs)
+  assert len(counts) == 40 and min(counts.values()) >= 3  # every document comes back...
+  assert docs[:40] != docs[40:80] != docs[80:120]  # ...in a new order
 
 
 def test_arrayrecord_shards_epochs_and_seeds(tmp_path):

@@ -20,7 +20,7 @@ from ar_lm_jax.tokenizer import EOS_ID, load_tokenizer
 MODEL = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, max_position_embeddings=256)
 PROMPTS = [
     "The blue bicycle had hung on the storehouse wall for years,",
-    "كانت الدراجة الزرقاء معلقة على جدار المخزن منذ سنوات",
+    "كانت الدراجة الزرقاء معلقة على الجدار",
     "Hi",
     "مرحبا",
 ]
@@ -129,7 +129,8 @@ def test_sampling_frequencies_match_the_filtered_distribution(t, k, p):
   want = _filtered_probs(logits, t, k, p)
   freq = np.bincount(draws, minlength=12) / n
   assert np.all(freq[want == 0] == 0)  # filtered tokens are never drawn
-  np.testing.assert_allclose(freq, want, atol=4.5 * np.sqrt(want * (1 - want) / n) + 1e-9)
+  sigma = np.sqrt(want * (1 - want) / n)  # binomial standard error of each frequency
+  assert np.all(np.abs(freq - want) <= 4.5 * sigma), (freq, want)
 
 
 def test_padding_rows_of_the_vocabulary_are_never_generated():
@@ -173,20 +174,20 @@ def run_cli(module, argv, monkeypatch):
 
 def test_cli_greedy_matches_transformers(hf_model, checkpoint_dir, prompt_ids, monkeypatch, capsys):
   from experiments import generate as generate_cli
-  for prompt, ids in zip(PROMPTS[:2], prompt_ids[:2]):
-    code = run_cli(generate_cli, [f"--checkpoint={checkpoint_dir}", f"--prompt={prompt}", "--greedy",
-                                  f"--max_new_tokens={NEW_TOKENS}"], monkeypatch)
-    text, _, json_line = capsys.readouterr().out.rstrip("\n").rpartition("\n")
-    assert code == 0
-    last = json.loads(json_line)
-    assert last["tokens"] == hf_greedy(hf_model[0], ids, NEW_TOKENS)
-    assert last["text"] == text == load_tokenizer().decode(last["tokens"])
+  # The Arabic prompt; English goes through the same library call in the tests above.
+  code = run_cli(generate_cli, [f"--checkpoint={checkpoint_dir}", f"--prompt={PROMPTS[1]}", "--greedy",
+                                f"--max_new_tokens={NEW_TOKENS}"], monkeypatch)
+  text, _, json_line = capsys.readouterr().out.rstrip("\n").rpartition("\n")
+  assert code == 0
+  last = json.loads(json_line)
+  assert last["tokens"] == hf_greedy(hf_model[0], prompt_ids[1], NEW_TOKENS)
+  assert last["text"] == text == load_tokenizer().decode(last["tokens"])
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--prompt=hi"], "exactly one of --workdir and --checkpoint"),
     (["--checkpoint={ckpt}", "--prompt="], "at least one token"),
-    (["--checkpoint={ckpt}", "--prompt=hi", "--step=7"], "no checkpoint for step 7"),
+    (["--checkpoint={ckpt}", "--prompt=hi", "--step=7"], "step 7"),
     (["--checkpoint={ckpt}", "--prompt=hi", "--max_new_tokens=1000"], "max_position_embeddings"),
     (["--checkpoint={ckpt}", "--prompt=hi", "--top_k=-1"], "top_k"),
 ])

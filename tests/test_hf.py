@@ -70,6 +70,15 @@ def safetensors_dir_tensors(d: Path) -> dict[str, torch.Tensor]:
   return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+  """torch's intra-op threads spin against XLA's on a 2-core machine (6x slower forwards); these models are tiny."""
+  before = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(before)
+
+
 def run_tool(tool, argv, capsys) -> tuple[int, str]:
   """(exit code, stderr) of a command-line face, run in-process as `python -m` would run it."""
   with pytest.raises(SystemExit) as exit_info:

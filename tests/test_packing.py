@@ -31,9 +31,13 @@ def make_blocks(seed=0, n_blocks=60, max_len=70, empty_every=7):
   return blocks
 
 
-def packed(blocks, seq_len):
+def block_stream(blocks):
   # A finite MapDataset stands in for a source's block stream; rows stop when it runs out.
-  return PackIterDataset(grain.MapDataset.source(blocks).to_iter_dataset(), seq_len, source=1, name="test")
+  return grain.MapDataset.source(blocks).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+
+
+def packed(blocks, seq_len):
+  return PackIterDataset(block_stream(blocks), seq_len, source=1, name="test")
 
 
 def take(it, n):
@@ -118,3 +122,17 @@ def test_resume_is_exact_from_any_row(seq_len):
   again.set_state(states[-1])
   with pytest.raises(StopIteration):
     next(again)
+
+
+def test_a_source_without_documents_fails_with_a_message():
+  skipped = np.zeros(len(SKIP_REASONS), np.int64)
+  skipped[1] = 64
+  empty = {"tokens": np.zeros(0, np.int32), "lengths": np.zeros(0, np.int32), "skipped": skipped}
+  blocks = make_blocks(n_blocks=2) + [empty] * 5000
+  it = PackIterDataset(block_stream(blocks), 8, source=0, name="0:en").__iter__()
+  rows = 0
+  with pytest.raises(RuntimeError, match=r"data source 0:en: no usable document in the last 2000 blocks.*missing_field"):
+    while True:
+      next(it)
+      rows += 1
+  assert rows > 0  # the rows there were came out first

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Optional, Sequence
 
 from ar_lm_jax import cli

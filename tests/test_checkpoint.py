@@ -1,0 +1,332 @@
+"""checkpoint.py: what a checkpoint holds and how it comes back.
+
+The fingerprint against a numpy reference of its formula; restores compared bitwise with the
+state that was saved; damaged and unfinished checkpoints (a flipped byte, a truncated chunk, a
+missing item, broken JSON, a save killed half-way) moved aside with a warning naming the damage,
+never deleted; the keep policy; runs that do not fit a checkpoint; the params-only readers used by
+evaluation and conversion; the stop signals; resharding 4x2 -> 8x1 and -> one device (a
+subprocess with 8 fake devices). The end-to-end runs (resume, SIGTERM, SIGKILL, NaN steps) are in
+test_trainer.py.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ar_lm_jax import checkpoint as ckpt_lib
+from ar_lm_jax import train as train_lib
+from ar_lm_jax.cli import CONFIGS_DIR
+from ar_lm_jax.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config(**checkpoint):
+  cfg = load_config("tiny", CONFIGS_DIR)
+  return cfg.replace(
+      model=dataclasses.replace(cfg.model, vocab_size=512, hidden_size=32, num_heads=2, intermediate_size=64),
+      data=dataclasses.replace(cfg.data, seq_len=32, batch_size=4),
+      checkpoint=dataclasses.replace(cfg.checkpoint, **{"keep": 3, **checkpoint}))
+
+
+def distinct(setup, state):
+  """The state with every float leaf shifted by its element index, so no two leaves (or moments) are alike."""
+  def shift(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return x + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) * 1e-3
+  return jax.jit(lambda s: jax.tree.map(shift, s), out_shardings=setup.state_shardings)(state)
+
+
+@pytest.fixture(scope="module")
+def small():
+  cfg = small_config()
+  setup = train_lib.build(cfg, devices=jax.devices()[:1])
+  state = distinct(setup, train_lib.init_state(setup, 0))
+  return cfg, setup, state, jax.device_get(state)
+
+
+def save_steps(directory, cfg, state, steps):
+  ck = ckpt_lib.Checkpointer(directory, cfg)
+  for s in steps:
+    ck.save(s, state, {"row": s})
+  ck.close()
+
+
+def assert_same_tree(a, b):
+  pa, _ = jax.tree_util.tree_flatten_with_path(a)
+  pb, _ = jax.tree_util.tree_flatten_with_path(b)
+  assert [ckpt_lib.path_str(p) for p, _ in pa] == [ckpt_lib.path_str(p) for p, _ in pb]
+  for (p, x), (_, y) in zip(pa, pb):
+    x, y = np.atleast_1d(np.asarray(x)), np.atleast_1d(np.asarray(y))
+    assert x.dtype == y.dtype and np.array_equal(x.view(np.uint8), y.view(np.uint8)), ckpt_lib.path_str(p)
+
+
+# ---------------------------------------------------------------------------
+# Fingerprints.
+
+
+def numpy_fingerprint(x: np.ndarray) -> int:
+  x = np.asarray(x)
+  bits = x.astype(np.uint64) if x.dtype.itemsize == 1 else x.view(f"uint{8 * x.dtype.itemsize}").astype(np.uint64)
+  index = np.arange(x.size, dtype=np.uint64).reshape(x.shape)
+  weight = (index * np.uint64(0x9E3779B1) % np.uint64(2**32)) * np.uint64(2) % np.uint64(2**32) + np.uint64(1)
+  return int(np.sum(bits * weight, dtype=np.uint64) % np.uint64(2**32))  # uint64 wraps mod 2**64, a multiple of 2**32
+
+
+def test_fingerprint_matches_numpy_reference_and_sees_every_bit():
+  rng = np.random.default_rng(0)
+  tree = {"f32": rng.standard_normal((3, 5, 7)).astype(np.float32),
+          "bf16": rng.standard_normal((4, 6)).astype(jnp.bfloat16),
+          "i32": np.int32(-12345), "flag": np.array([True, False, True])}
+  got = ckpt_lib.fingerprints(jax.device_put(tree))
+  assert got == {k: numpy_fingerprint(v) for k, v in tree.items()}
+  assert ckpt_lib.fingerprints(tree) == got  # host arrays take the CPU path, same sums
+  x = tree["f32"]
+  for flat_index, bit in [(0, 0), (52, 31), (104, 7)]:
+    y = x.copy().reshape(-1).view(np.uint32)
+    y[flat_index] ^= np.uint32(1 << bit)
+    assert ckpt_lib.fingerprints({"f32": y.view(np.float32).reshape(x.shape)})["f32"] != got["f32"]
+  swapped = x.copy()
+  swapped[0, 0, [0, 1]] = swapped[0, 0, [1, 0]]
+  assert ckpt_lib.fingerprints({"f32": swapped})["f32"] != got["f32"]  # position-weighted: a swap is seen too
+
+
+# ---------------------------------------------------------------------------
+# Restore, damage, fallback.
+
+
+def largest_chunk(step_dir: Path) -> Path:
+  return max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+             key=lambda p: p.stat().st_size)
+
+
+def damage(step_dir: Path, kind: str) -> str:
+  """Damages a finished checkpoint; returns what the warning must say."""
+  if kind == "flip":  # reads back without any error from orbax: only the fingerprint sees it
+    f = largest_chunk(step_dir)
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    f.write_bytes(bytes(b))
+    return "differ from the fingerprint"
+  if kind == "truncate":
+    f = largest_chunk(step_dir)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return "cannot read its state"
+  if kind == "missing_item":
+    for p in sorted((step_dir / "fingerprint").iterdir()):
+      p.unlink()
+    (step_dir / "fingerprint").rmdir()
+    return "fingerprint item(s) are missing"
+  if kind == "bad_json":
+    (step_dir / "config" / "metadata").write_text("{truncated")
+    return "cannot read its config"
+  raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["flip", "truncate", "missing_item", "bad_json"])
+def test_damaged_latest_falls_back_to_the_previous_and_is_kept(small, tmp_path, capsys, kind):
+  cfg, setup, state, host = small
+  save_steps(tmp_path, cfg, state, [1, 2, 3])
+  expected = damage(tmp_path / "3", kind)
+  files_before = sorted(p.relative_to(tmp_path / "3") for p in (tmp_path / "3").rglob("*"))
+  ck = ckpt_lib.Checkpointer(tmp_path, cfg)
+  restored = ck.restore_latest(setup.abstract_state, setup.state_shardings)
+  assert restored.step == 2 and restored.data_state == {"row": 2}
+  assert_same_tree(restored.state, host)
+  err = capsys.readouterr().err
+  assert "checkpoint step 3" in err and expected in err and "trying the previous one" in err
+  (moved,) = tmp_path.glob("3.corrupt-*")
+  assert moved.name in err
+  assert sorted(p.relative_to(moved) for p in moved.rglob("*")) == files_before  # kept whole, not deleted
+  # The run goes on: step 3 can be saved again, and is the one restored next.
+  ck.save(3, restored.state, {"row": 3})
+  ck.close()
+  again = ckpt_lib.Checkpointer(tmp_path, cfg).restore_latest(setup.abstract_state, setup.state_shardings)
+  assert again.step == 3 and again.data_state == {"row": 3}
+
+
+def test_no_usable_checkpoint_is_a_config_error_every_time(small, tmp_path, capsys):
+  cfg, setup, state, _ = small
+  save_steps(tmp_path, cfg, state, [1, 2])
+  damage(tmp_path / "1", "truncate")
+  damage(tmp_path / "2", "flip")
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"no usable checkpoint .*step 2: .*fingerprint.*step 1: .*cannot read") as e:
+    ckpt_lib.Checkpointer(tmp_path, cfg).restore_latest(setup.abstract_state, setup.state_shardings)
+  assert isinstance(e.value, ConfigError)  # the command line maps it to exit 2
+  assert len(list(tmp_path.glob("*.corrupt-*"))) == 2
+  # A second attempt must not quietly start from scratch over a run that had progress.
+  with pytest.raises(ckpt_lib.CheckpointError, match="only checkpoints moved aside as corrupt"):
+    ckpt_lib.Checkpointer(tmp_path, cfg).restore_latest(setup.abstract_state, setup.state_shardings)
+
+
+def test_unfinished_save_is_moved_aside_and_the_last_finished_one_restored(small, tmp_path, capsys):
+  cfg, setup, state, host = small
+  save_steps(tmp_path, cfg, state, [1, 2])
+  tmp = tmp_path / ("3" + ckpt_lib.UNFINISHED_SUFFIX)  # what orbax leaves when killed while writing step 3
+  (tmp / "state").mkdir(parents=True)
+  (tmp / "state" / "half-written").write_bytes(b"x" * 100)
+  restored = ckpt_lib.Checkpointer(tmp_path, cfg).restore_latest(setup.abstract_state, setup.state_shardings)
+  assert restored.step == 2
+  assert_same_tree(restored.state, host)
+  (moved,) = tmp_path.glob("3.partial-*")
+  assert (moved / "state" / "half-written").read_bytes() == b"x" * 100
+  err = capsys.readouterr().err
+  assert tmp.name in err and "never finished" in err and moved.name in err
+
+
+def test_a_run_that_does_not_fit_is_an_error_and_nothing_moves(small, tmp_path):
+  cfg, _, state, _ = small
+  save_steps(tmp_path, cfg, state, [1])
+  other = cfg.replace(model=dataclasses.replace(cfg.model, hidden_size=64))
+  setup = train_lib.build(other, devices=jax.devices()[:1])
+  before = sorted(p.name for p in tmp_path.iterdir())
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"does not fit .*params/embed_tokens/embedding is \(512, 32\) float32 there, \(512, 64\)"):
+    ckpt_lib.Checkpointer(tmp_path, other).restore_latest(setup.abstract_state, setup.state_shardings)
+  assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_data_state_of_another_process_count_is_an_error(small, tmp_path):
+  cfg, setup, state, _ = small
+  save_steps(tmp_path, cfg, state, [1])
+  data = tmp_path / "1" / "data"
+  (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+  (data / "process_1-of-2.json").write_text("{}")
+  with pytest.raises(ckpt_lib.CheckpointError, match="another number of processes"):
+    ckpt_lib.Checkpointer(tmp_path, cfg).restore_latest(setup.abstract_state, setup.state_shardings)
+  assert (tmp_path / "1").is_dir()
+
+
+def test_keep_policy_and_due_steps(small, tmp_path):
+  _, _, state, _ = small
+  cfg = small_config(every_steps=2, keep=2, keep_every=4)
+  ck = ckpt_lib.Checkpointer(tmp_path, cfg)
+  saved = []
+  for step in range(1, 13):
+    if ck.due(step) and step != 6:  # step 6 was "non-finite": its due save is taken at step 7
+      ck.save(step, state, {"row": step})
+      saved.append(step)
+  ck.close()
+  assert saved == [2, 4, 7, 8, 10, 12]
+  assert sorted(ck.manager.all_steps()) == [4, 8, 10, 12]  # the last 2, plus every multiple of 4
+  assert sorted(int(p.name) for p in tmp_path.iterdir()) == [4, 8, 10, 12]
+
+
+def test_saved_config_and_params_only_reads(small, tmp_path):
+  cfg, setup, state, host = small
+  save_steps(tmp_path, cfg, state, [5, 7])
+  assert ckpt_lib.saved_config(tmp_path) == (7, cfg)
+  assert ckpt_lib.saved_config(tmp_path, 5) == (5, cfg)
+  with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint of step 6"):
+    ckpt_lib.saved_config(tmp_path, 6)
+  on_host = ckpt_lib.restore_params(tmp_path, 7, cfg)
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(on_host))
+  assert_same_tree(on_host, host["params"])
+  sharded = ckpt_lib.restore_params(tmp_path, 7, cfg, setup.state_shardings["params"])
+  assert_same_tree(sharded, host["params"])
+  damage(tmp_path / "7", "flip")
+  with pytest.raises(ckpt_lib.CheckpointError, match="differ from the fingerprint"):
+    ckpt_lib.restore_params(tmp_path, 7, cfg)
+
+
+def test_params_only_checkpoint_is_refused_for_resume(small, tmp_path):
+  cfg, setup, state, host = small
+  ck = ckpt_lib.Checkpointer(tmp_path, cfg)  # as the HF import writes it
+  ck.save(0, {"step": np.zeros((), np.int32), "params": host["params"]})
+  ck.close()
+  assert_same_tree(ckpt_lib.restore_params(tmp_path, 0, cfg), host["params"])
+  with pytest.raises(ckpt_lib.CheckpointError, match="params-only checkpoint"):
+    ckpt_lib.Checkpointer(tmp_path, cfg).restore_latest(setup.abstract_state, setup.state_shardings)
+
+
+# ---------------------------------------------------------------------------
+# Stopping.
+
+
+def test_stop_request_takes_one_signal_then_hands_back_the_handlers():
+  previous = signal.getsignal(signal.SIGTERM)
+  stop = ckpt_lib.StopRequest(check_every=10).install()
+  try:
+    assert not stop.requested(0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.requested(1) and stop.signal == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is previous  # a second SIGTERM acts at once
+  finally:
+    stop.uninstall()
+
+
+def test_bad_step_guard_counts_consecutive_non_finite_steps(tmp_path):
+  guard = ckpt_lib.BadStepGuard(max_bad_steps=3)
+  flags = {1: True, 2: False, 3: False, 4: True, 5: False, 6: False}
+  for step, ok in flags.items():
+    guard.observe(step, jnp.asarray(ok))
+  assert guard.streak == 2 and not guard.tripped
+  guard.observe(6, jnp.asarray(True))  # a step is counted once, whoever reads it again
+  assert guard.streak == 2
+  assert not guard.finite_at(7, jnp.asarray(False)) and guard.tripped
+  msg = str(guard.error(4, tmp_path))
+  assert "3 consecutive steps (5-7)" in msg and "train.max_bad_steps=3" in msg and "last good checkpoint is step 4" in msg
+
+
+# ---------------------------------------------------------------------------
+# Resharding, in a process with 8 fake CPU devices.
+
+
+RESHARD = r"""
+import dataclasses, json, sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[2])
+from tests.test_checkpoint import small_config, distinct, assert_same_tree
+from ar_lm_jax import checkpoint as ckpt_lib, train as train_lib
+from ar_lm_jax.config import MeshConfig
+
+def spec(x):
+  return [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+
+def setup_for(data, model, devices):
+  cfg = small_config()
+  cfg = cfg.replace(mesh=MeshConfig(data=data, model=model), data=dataclasses.replace(cfg.data, batch_size=8))
+  return train_lib.build(cfg, devices=devices)
+
+src = setup_for(4, 2, jax.devices())
+state = distinct(src, train_lib.init_state(src, 0))
+host = jax.device_get(state)
+ck = ckpt_lib.Checkpointer(sys.argv[1], src.cfg)
+ck.save(1, state, {"row": 1})
+ck.close()
+out = {}
+for name, (data, model, devices) in {"8x1": (8, 1, jax.devices()), "1": (1, 1, jax.devices()[:1])}.items():
+  dst = setup_for(data, model, devices)
+  r = ckpt_lib.Checkpointer(sys.argv[1], dst.cfg).restore_latest(dst.abstract_state, dst.state_shardings)
+  assert_same_tree(r.state, host)
+  want = jax.tree.leaves(dst.state_shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  assert all(x.sharding.is_equivalent_to(w, x.ndim) for x, w in zip(jax.tree.leaves(r.state), want))
+  q = r.state["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  mu = r.state["opt_state"][1].mu["lm_head"]["kernel"]
+  out[name] = {"devices": len(q.sharding.device_set), "q_spec": spec(q), "mu_spec": spec(mu)}
+q0 = state["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+out["4x2"] = {"devices": len(q0.sharding.device_set), "q_spec": spec(q0),
+              "mu_spec": spec(state["opt_state"][1].mu["lm_head"]["kernel"])}
+print(json.dumps(out))
+"""
+
+
+def test_resharding_4x2_to_8x1_and_to_one_device(tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", RESHARD, str(tmp_path / "ck"), str(REPO)], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  # Saved tensor-parallel (heads over `model`) with ZeRO-1 moments; restored bitwise onto other layouts.
+  assert out["4x2"] == {"devices": 8, "q_spec": [None, None, "model", None], "mu_spec": ["data", "model"]}
+  assert out["8x1"]["devices"] == 8 and out["8x1"]["mu_spec"] == ["data", "model"]
+  assert out["1"]["devices"] == 1

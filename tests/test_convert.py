@@ -1,0 +1,192 @@
+"""End to end through the trainer: init from Hugging Face, train `tiny`, export, load with transformers, import back.
+
+One short run serves every test: it starts from a random HF model
+(`checkpoint.init_from`), so its first logged loss must be HF's loss on the first
+batch; its final checkpoint (with optimizer state) is exported with
+`tools.convert_to_pytorch` and must score held-out English and Arabic text like
+our evaluation does; `tools.convert_from_pytorch` of the export must give back
+the same parameters and the same evaluation loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from ar_lm_jax import checkpoint as checkpoint_lib
+from ar_lm_jax import cli, data, evaluate, hf, trainer
+from ar_lm_jax.config import apply_overrides, load_config
+from ar_lm_jax.tokenizer import load_tokenizer
+from tools import convert_from_pytorch, convert_to_pytorch
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # the export must load with no network
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+SAMPLE = Path(__file__).parents[1] / "data" / "sample"
+EDGE_CASES = ["2024 1234567890", "  spaces   and\ttabs\n\n\nnewlines\r\n", "<|endoftext|>x<|im_start|>",
+              "بِسْمِ اللَّهِ الرَّحْمَٰنِ", "العـــــربية", "emoji 😀👍🏽 👩‍👩‍👧", "cafe\u0301"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+  """torch's intra-op threads spin against XLA's on a 2-core machine (6x slower forwards); these models are tiny."""
+  before = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(before)
+
+
+def run_tool(tool, argv) -> int:
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run_main(lambda: tool.main(argv))
+  return exit_info.value.code
+
+
+@pytest.fixture(scope="module")
+def hf_init(tmp_path_factory):
+  """A random HF model with tiny's architecture, saved by transformers."""
+  from transformers import StableLmConfig, StableLmForCausalLM
+  model_cfg = load_config("tiny", cli.CONFIGS_DIR).model
+  fields = {k: v for k, v in hf.hf_config_dict(model_cfg).items() if k not in ("architectures", "model_type")}
+  torch.manual_seed(0)
+  model = StableLmForCausalLM(StableLmConfig(**fields)).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  d = tmp_path_factory.mktemp("hf_init")
+  model.save_pretrained(d)
+  return d
+
+
+@pytest.fixture(scope="module")
+def run(hf_init, tmp_path_factory):
+  cfg = apply_overrides(load_config("tiny", cli.CONFIGS_DIR), {
+      "train.steps": 2, "train.log_every": 1, "train.eval_every": 0, "train.progress": False,
+      "checkpoint.init_from": str(hf_init)})
+  workdir = tmp_path_factory.mktemp("run")
+  summary = trainer.run(cfg, workdir)
+  return cfg, workdir, summary
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+  _, workdir, _ = run
+  out = tmp_path_factory.mktemp("hf_export")
+  assert run_tool(convert_to_pytorch, [f"--checkpoint={workdir}", f"--out={out}"]) == 0
+  assert run_tool(convert_to_pytorch, [f"--checkpoint={workdir}", f"--out={out}"]) == 2  # now exists, not empty
+  return out
+
+
+def hf_row_nll(model, tokens_T, segments_T, positions_T) -> tuple[float, int]:
+  """(sum of NLL, scored tokens) of one packed row, HF running each document alone at its own positions."""
+  total, count = 0.0, 0
+  for s in np.unique(segments_T[segments_T > 0]):
+    idx = segments_T == s
+    ids = torch.tensor(tokens_T[idx][None], dtype=torch.long)
+    with torch.no_grad():
+      logits = model(ids, position_ids=torch.tensor(positions_T[idx][None], dtype=torch.long)).logits[0, :-1]
+    total += torch.nn.functional.cross_entropy(logits.double(), ids[0, 1:], reduction="sum").item()
+    count += int(idx.sum()) - 1
+  return total, count
+
+
+def test_first_logged_loss_is_hf_loss_on_the_first_batch(run, hf_init):
+  from transformers import AutoModelForCausalLM
+  cfg, workdir, summary = run
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert rows[0]["step"] == 1 and rows[0]["loss"] == summary["first_loss"]
+  it = data.make_train_iterator(cfg.data, seed=cfg.train.seed, process_index=0, process_count=1)
+  batch = next(it)
+  it.close()
+  model = AutoModelForCausalLM.from_pretrained(hf_init).eval()
+  sums = [hf_row_nll(model, *(batch[k][r] for k in ("tokens", "segment_ids", "positions")))
+          for r in range(batch["tokens"].shape[0])]
+  hf_loss = sum(s for s, _ in sums) / sum(n for _, n in sums)
+  assert abs(summary["first_loss"] - hf_loss) <= 1e-5 * hf_loss
+  assert rows[1]["loss"] != rows[0]["loss"]  # it trained
+
+
+def held_out() -> dict[str, list[str]]:
+  docs = {}
+  for lang in ("en", "ar"):
+    with open(SAMPLE / f"{lang}_valid.jsonl") as f:
+      docs[lang] = [json.loads(line)["text"] for line in f if line.strip()]
+  return docs
+
+
+def per_document(lines: list[dict], docs: dict[str, list[str]]) -> dict[str, list[tuple[float, int]]]:
+  by_key = {line["lang"]: line for line in lines}
+  return {lang: [(by_key[f"{lang}:{i}"]["loss"], by_key[f"{lang}:{i}"]["tokens"]) for i in range(len(texts))]
+          for lang, texts in docs.items()}
+
+
+def our_per_document_losses(**where) -> dict[str, list[tuple[float, int]]]:
+  """(loss, tokens) per held-out document, by our evaluation (each document its own "language")."""
+  docs = held_out()
+  loaded = evaluate.load_run(**where, batch_rows=1)  # one document per "language": one row per batch
+  lines = evaluate.evaluate_texts(loaded, {f"{lang}:{i}": [t] for lang, texts in docs.items() for i, t in enumerate(texts)})
+  return per_document(lines, docs)
+
+
+def language_loss(per_doc: list[tuple[float, int]]) -> float:
+  return sum(loss * n for loss, n in per_doc) / sum(n for _, n in per_doc)
+
+
+@pytest.fixture(scope="module")
+def ours(run):
+  return our_per_document_losses(workdir=str(run[1]))
+
+
+def test_export_loads_offline_and_scores_like_our_evaluation(run, exported, ours):
+  from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, StableLmForCausalLM
+  cfg = run[0]
+  model = AutoModelForCausalLM.from_pretrained(exported).eval()
+  tok = AutoTokenizer.from_pretrained(exported)
+  assert isinstance(model, StableLmForCausalLM) and isinstance(tok, PreTrainedTokenizerFast)
+  assert model.get_input_embeddings().weight.shape[0] == cfg.model.vocab_size == 100352  # padding rows kept
+  ref_tok = load_tokenizer()
+  docs = held_out()
+  for text in [t for texts in docs.values() for t in texts] + EDGE_CASES:
+    assert tok(text)["input_ids"] == ref_tok.encode(text, allow_special=True)
+  for lang, texts in docs.items():
+    hf_docs = []
+    for text in texts:
+      ids = tok(text)["input_ids"][:cfg.data.seq_len]
+      with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].double()
+      nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+      hf_docs.append((nll / (len(ids) - 1), len(ids) - 1))
+    for (hf_loss, hf_n), (our_loss, our_n) in zip(hf_docs, ours[lang]):
+      assert hf_n == our_n and abs(hf_loss - our_loss) <= 1e-4 * our_loss
+    assert abs(language_loss(hf_docs) - language_loss(ours[lang])) <= 1e-4 * language_loss(ours[lang])
+
+
+def test_bf16_export_and_generate(run, tmp_path):
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  assert run_tool(convert_to_pytorch, [f"--checkpoint={run[1] / 'checkpoints'}", "--step=2", f"--out={tmp_path}",
+                                       "--dtype=bfloat16"]) == 0
+  model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  tok = AutoTokenizer.from_pretrained(tmp_path)
+  assert model.dtype == torch.bfloat16
+  ids = tok("The capital of Egypt is", return_tensors="pt")["input_ids"]
+  out = model.generate(ids, max_new_tokens=4, do_sample=False)
+  assert out.shape == (1, ids.shape[1] + 4)
+
+
+def test_import_of_the_export_gives_the_same_params_and_evaluation(run, exported, ours, tmp_path):
+  cfg, workdir, _ = run
+  assert run_tool(convert_from_pytorch, [f"--hf={exported}", f"--out={tmp_path}", "--overwrite"]) == 0
+  step, imported_cfg = checkpoint_lib.saved_config(tmp_path / "checkpoints")
+  assert step == 0 and imported_cfg.model == cfg.model and imported_cfg.data.seq_len == cfg.data.seq_len
+  a = checkpoint_lib.restore_params(workdir / "checkpoints", 2, cfg)
+  b = checkpoint_lib.restore_params(tmp_path / "checkpoints", 0, cfg)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+  again = our_per_document_losses(workdir=str(tmp_path))
+  for lang in ours:
+    assert abs(language_loss(again[lang]) - language_loss(ours[lang])) <= 1e-6 * language_loss(ours[lang])

@@ -1,0 +1,305 @@
+"""The mesh, the logical-axis rules table, ZeRO-1/FSDP layouts, and losses that do not depend on the mesh.
+
+Layouts are checked on `AbstractMesh`es (no devices needed). Loss equality runs the
+trainer in subprocesses, because the number of fake CPU devices is fixed when JAX
+starts: 5 steps of `tiny` on meshes 1x1, 8x1, 4x2 and 2x4 must log the same losses,
+and two processes joined over gloo (2 devices each, a 2x2 mesh) must log the losses
+of one 4-device process that is fed the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from ar_lm_jax import model as model_lib
+from ar_lm_jax import optim, sharding
+from ar_lm_jax.cli import CONFIGS_DIR
+from ar_lm_jax.config import ConfigError, apply_overrides, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_PARAMS = 1_644_515_328
+TINY_5_STEPS = ["--config.train.steps=5", "--config.train.log_every=1", "--config.train.eval_every=0",
+                "--config.train.progress=false"]
+
+
+def tiny(**sections):
+  """`tiny` with e.g. mesh={"data": 2} applied as --config.mesh.data=2 would be."""
+  flat = {f"{section}.{k}": json.dumps(v) for section, kv in sections.items() for k, v in kv.items()}
+  return apply_overrides(load_config("tiny", CONFIGS_DIR), flat)
+
+
+def layouts(cfg, data: int, model: int):
+  """(abstract params, their shardings, abstract opt state, its shardings) on a data x model AbstractMesh."""
+  mesh = AbstractMesh((data, model), (sharding.DATA, sharding.MODEL))
+  boxed = model_lib.abstract_params(cfg.model)
+  params = nn.meta.unbox(boxed)
+  params_sh = sharding.param_shardings(boxed, mesh, cfg.mesh)
+  tx = optim.build_optimizer(cfg.optim, cfg.train.steps)
+  opt = jax.eval_shape(tx.init, params)
+  opt_sh = sharding.opt_state_shardings(tx, opt, params_sh, params, mesh, cfg.mesh.shard_optimizer_over_data)
+  return params, params_sh, opt, opt_sh
+
+
+def axes_of(s) -> set:
+  return {a for entry in s.spec for a in (entry if isinstance(entry, tuple) else (entry,)) if a}
+
+
+def spec_tree(tree):
+  return jax.tree.map(lambda s: tuple(s.spec), tree, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+
+
+# ---------------------------------------------------------------------------
+# The rules table and the layouts it gives.
+
+
+def test_rules_table_maps_each_logical_name_once():
+  rules = dict(sharding.logical_rules(tiny().mesh))
+  assert len(rules) == len(sharding.logical_rules(tiny().mesh))
+  assert {k for k, v in rules.items() if v == sharding.MODEL} == {"vocab", "heads", "mlp", "act_heads", "act_mlp", "act_vocab"}
+  assert {k for k, v in rules.items() if v == sharding.DATA} == {"batch"}
+  assert dict(sharding.logical_rules(tiny(mesh={"fsdp": True}).mesh))["embed"] == sharding.DATA
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_megatron_layout_of_every_parameter(scan_layers):
+  cfg = tiny(model={"scan_layers": scan_layers})
+  _, params_sh, _, _ = layouts(cfg, 4, 2)
+  specs = spec_tree(params_sh)
+  block = specs["layers"] if scan_layers else specs["layers_1"]
+  lead = (None,) if scan_layers else ()  # the stacked layer axis is never sharded
+  M = sharding.MODEL
+  for name in ("q_proj", "k_proj", "v_proj"):  # column-parallel: the heads (output) dim is split
+    assert block["self_attn"][name]["kernel"] == lead + (None, M, None)
+    assert block["self_attn"][name]["bias"] == lead + (M, None)
+  assert block["self_attn"]["o_proj"]["kernel"] == lead + (M, None, None)  # row-parallel: the contracted heads
+  assert block["mlp"]["gate_proj"]["kernel"] == block["mlp"]["up_proj"]["kernel"] == lead + (None, M)
+  assert block["mlp"]["down_proj"]["kernel"] == lead + (M, None)
+  for norm in ("input_layernorm", "post_attention_layernorm"):
+    assert block[norm]["scale"] == block[norm]["bias"] == lead + (None,)
+  assert specs["embed_tokens"]["embedding"] == (M, None)  # vocab-parallel
+  assert specs["lm_head"]["kernel"] == (None, M)
+  assert specs["norm"]["scale"] == (None,)
+
+
+def test_zero1_shards_moments_over_data_and_not_params():
+  params, params_sh, opt, opt_sh = layouts(tiny(), 4, 2)
+  assert all(sharding.DATA not in axes_of(s) for s in jax.tree.leaves(params_sh))
+  adam = opt_sh[1]
+  for moments in (adam.mu, adam.nu):
+    flat = jax.tree.leaves(moments)
+    # Every moment has a dim divisible by 4 in tiny, so every one of them is split over data too.
+    assert flat and all(sharding.DATA in axes_of(s) for s in flat)
+    # ... on top of its parameter's own model split.
+    for p_s, m_s in zip(jax.tree.leaves(params_sh), flat):
+      assert axes_of(p_s) <= axes_of(m_s)
+  assert axes_of(adam.count) == set() and axes_of(opt_sh[3].count) == set()
+  # Bytes: parameters split over model only, moments over data x model.
+  total = model_lib.param_count(params)
+  assert sharding.bytes_per_device(params, params_sh) == pytest.approx(4 * total / 2, rel=0.01)
+  assert sharding.bytes_per_device(opt, opt_sh) == pytest.approx(2 * 4 * total / 8, rel=0.01)
+
+
+def test_without_zero1_moments_follow_params():
+  _, params_sh, _, opt_sh = layouts(tiny(mesh={"shard_optimizer_over_data": False}), 4, 2)
+  assert spec_tree(opt_sh[1].mu) == spec_tree(params_sh) == spec_tree(opt_sh[1].nu)
+
+
+def test_fsdp_shards_params_over_data_too():
+  params, params_sh, opt, opt_sh = layouts(tiny(mesh={"fsdp": True}), 4, 2)
+  specs = spec_tree(params_sh)
+  assert specs["layers"]["self_attn"]["q_proj"]["kernel"] == (None, sharding.DATA, sharding.MODEL, None)
+  assert specs["lm_head"]["kernel"] == (sharding.DATA, sharding.MODEL)
+  for p_s, m_s in zip(jax.tree.leaves(params_sh), jax.tree.leaves(opt_sh[1].mu)):
+    assert sharding.DATA in axes_of(m_s)  # ZeRO still splits the moments of norms and biases
+    if sharding.DATA in axes_of(p_s):
+      assert m_s.spec == p_s.spec  # a moment already split over data keeps its parameter's layout
+  total = model_lib.param_count(params)
+  assert sharding.bytes_per_device(params, params_sh) == pytest.approx(4 * total / 8, rel=0.01)
+
+
+@pytest.mark.parametrize("data,model", [(16, 1), (8, 2)])
+def test_recipe_zero1_bytes_per_device(data, model):
+  cfg = apply_overrides(load_config("ar_stablelm_2_1_6b", CONFIGS_DIR), {"mesh.data": str(data), "mesh.model": str(model)})
+  params, params_sh, opt, opt_sh = layouts(cfg, data, model)
+  assert model_lib.param_count(params) == RECIPE_PARAMS
+  assert sharding.bytes_per_device(params, params_sh) == pytest.approx(4 * RECIPE_PARAMS / model, rel=0.01)
+  assert sharding.bytes_per_device(opt, opt_sh) == pytest.approx(2 * 4 * RECIPE_PARAMS / (data * model), rel=0.01)
+
+
+# ---------------------------------------------------------------------------
+# Bad meshes, and the device order.
+
+
+@pytest.mark.parametrize("overrides,devices,processes,match", [
+    ({"mesh": {"data": 2, "model": 2}}, 8, 1, "data=2 x model=2 = 4 does not match the 8 devices"),
+    ({"mesh": {"data": -1, "model": 3}}, 8, 1, "mesh.model: 3 does not divide the 8 devices"),
+    ({"mesh": {"data": 1, "model": 8}}, 8, 1, "does not divide model.num_heads=4"),
+    ({"mesh": {"data": 2, "model": 4}, "model": {"intermediate_size": 178}}, 8, 1, "does not divide model.intermediate_size=178"),
+    ({"mesh": {"data": 2, "model": 4}, "model": {"vocab_size": 100354}}, 8, 1, "does not divide model.vocab_size=100354"),
+    ({"mesh": {"data": 3, "model": 1}}, 3, 1, "micro-batch of 8 sequences .* does not divide over mesh.data=3"),
+    ({"mesh": {"data": 4, "model": 1}, "optim": {"grad_accum_steps": 4}}, 4, 1, "micro-batch of 2 sequences"),
+    ({"mesh": {"data": 1, "model": 4}}, 4, 2, "mesh.data=1 must be a multiple of the 2 processes"),
+])
+def test_validate_rejects(overrides, devices, processes, match):
+  with pytest.raises(ConfigError, match=match):
+    sharding.validate(tiny(**overrides), devices, processes)
+
+
+def test_validate_resolves_minus_one():
+  assert sharding.validate(tiny(mesh={"data": -1, "model": 2}), 8) == (4, 2)
+  assert sharding.validate(tiny(mesh={"data": 2, "model": 2}), 4, 2) == (2, 2)  # one data row per process
+
+
+class FakeDevice:
+
+  def __init__(self, process_index: int, id: int):
+    self.process_index, self.id = process_index, id
+
+
+def test_device_grid_puts_each_process_on_whole_rows():
+  devices = [FakeDevice(p, p * 4 + i) for p in (1, 0) for i in (3, 1, 0, 2)]  # scrambled on purpose
+  grid = sharding.device_grid(devices, 4, 2)
+  assert [[d.id for d in row] for row in grid] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+  assert [{d.process_index for d in row} for row in grid] == [{0}, {0}, {1}, {1}]
+
+
+# ---------------------------------------------------------------------------
+# Losses across meshes and processes (subprocesses with fake CPU devices).
+
+# Runs `trainer.run` as `python -m experiments.train` would, once per mesh in argv[2], printing the logged losses.
+MESH_RUNS = """
+import json, sys
+from ar_lm_jax import cli, trainer
+out = {}
+for mesh in sys.argv[2].split(","):
+  d, m, *fsdp = mesh.split("x")
+  flags = json.loads(sys.argv[3]) + [f"--config.mesh.data={d}", f"--config.mesh.model={m}", f"--config.mesh.fsdp={bool(fsdp)}".lower()]
+  cfg, _ = cli.parse_args(cli.make_parser("mesh runs"), flags)
+  summary = trainer.run(cfg, f"{sys.argv[1]}/{mesh}")
+  out[mesh] = [json.loads(line)["loss"] for line in open(summary["metrics"])]
+print(json.dumps(out))
+"""
+
+# One process standing in for both processes of a 2-process run: each global batch is
+# process 0's slice followed by process 1's (the rows each process's devices hold on a
+# process-major mesh), read from `make_train_iterator(process_count=2)` as they would.
+CONCAT_PROCESSES = """
+import json, sys
+import numpy as np
+from ar_lm_jax import cli, data, trainer
+
+class BothProcesses:
+  def __init__(self, its):
+    self.its = its
+  def __next__(self):
+    parts = [next(it) for it in self.its]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  def get_state(self):
+    return {str(i): it.get_state() for i, it in enumerate(self.its)}
+  def set_state(self, state):
+    for i, it in enumerate(self.its):
+      it.set_state(state[str(i)])
+  def stats(self):
+    return {}
+
+make = data.make_train_iterator
+data.make_train_iterator = lambda cfg, *, seed, process_index, process_count: BothProcesses(
+    [make(cfg, seed=seed, process_index=i, process_count=2) for i in range(2)])
+cfg, _ = cli.parse_args(cli.make_parser("reference"), json.loads(sys.argv[2]))
+summary = trainer.run(cfg, sys.argv[1])
+print(json.dumps([json.loads(line)["loss"] for line in open(summary["metrics"])]))
+"""
+
+
+def env_with_devices(n: int) -> dict:
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu",
+          "PYTHONPATH": str(REPO)}
+
+
+def start(args: list[str], devices: int, log: Path) -> subprocess.Popen:
+  f = open(log, "w")
+  # Its own process group, so a hung child (e.g. one waiting for a peer) is killed with its helpers.
+  return subprocess.Popen([sys.executable, *args], env=env_with_devices(devices), cwd=REPO,
+                          stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(procs: dict[str, tuple[subprocess.Popen, Path]], timeout_s: float) -> dict[str, str]:
+  """Waits for every process (all share one deadline); kills all of them on any failure or timeout."""
+  deadline = time.monotonic() + timeout_s
+  outputs = {}
+  try:
+    for name, (proc, log) in procs.items():
+      try:
+        rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+      except subprocess.TimeoutExpired:
+        pytest.fail(f"{name} still running after {timeout_s}s:\n{log.read_text()[-3000:]}")
+      outputs[name] = log.read_text()
+      assert rc == 0, f"{name} exited {rc}:\n{outputs[name][-3000:]}"
+  finally:
+    for proc, _ in procs.values():
+      if proc.poll() is None:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+  return outputs
+
+
+def last_json(text: str):
+  return json.loads(text.strip().splitlines()[-1])
+
+
+def assert_same_losses(a: list[float], b: list[float], what: str):
+  assert len(a) == len(b) == 5, what
+  for x, y in zip(a, b):
+    assert abs(x - y) <= 1e-4 * abs(y), f"{what}: {a} vs {b}"
+
+
+def test_losses_equal_on_1x1_8x1_4x2_2x4(tmp_path):
+  flags = json.dumps(TINY_5_STEPS)
+  procs = {
+      "1x1": (start(["-c", MESH_RUNS, str(tmp_path), "1x1", flags], 1, tmp_path / "one.log"), tmp_path / "one.log"),
+      "8 devices": (start(["-c", MESH_RUNS, str(tmp_path), "8x1,4x2,2x4,2x4xfsdp", flags], 8, tmp_path / "eight.log"),
+                    tmp_path / "eight.log"),
+  }
+  out = finish(procs, timeout_s=600)
+  losses = {**last_json(out["1x1"]), **last_json(out["8 devices"])}
+  reference = losses.pop("1x1")
+  assert reference[-1] < reference[0] - 0.1  # it trained: equality is not between constants
+  for mesh, got in losses.items():
+    assert_same_losses(got, reference, f"mesh {mesh} vs 1x1")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+  flags = TINY_5_STEPS + ["--config.mesh.data=2", "--config.mesh.model=2"]
+  cluster = [f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2"]
+  procs = {}
+  for i in range(2):
+    log = tmp_path / f"process{i}.log"
+    procs[f"process {i}"] = (start(["-m", "experiments.train", f"--workdir={tmp_path / 'two'}", *cluster,
+                                    f"--process_id={i}", *flags], 2, log), log)
+  log = tmp_path / "reference.log"
+  procs["reference"] = (start(["-c", CONCAT_PROCESSES, str(tmp_path / "one"), json.dumps(flags)], 4, log), log)
+  out = finish(procs, timeout_s=600)
+  two = [json.loads(line)["loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+  one = last_json(out["reference"])
+  assert one[-1] < one[0] - 0.1
+  assert_same_losses(two, one, "2 processes x 2 devices vs 1 process x 4 devices")
+  # Only process 0 reports: its summary is the last line; process 1 prints nothing of its own.
+  assert last_json(out["process 0"])["steps"] == 5
+  assert "metrics:" not in out["process 1"] and "train step compiled" not in out["process 1"]

@@ -92,6 +92,14 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _everywhere(flag: bool) -> bool:
+  """Whether `flag` holds on every process (a small all-gather in multi-process runs)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
+
+
 # ---------------------------------------------------------------------------
 # Fingerprints.
 
@@ -233,13 +241,17 @@ class Checkpointer:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
     problems = []
     for step in steps:
+      why = None
       try:
         restored = self._restore_step(step, target)
       except _Unusable as e:
+        why = str(e)
+      if not _everywhere(why is None):  # a file only one process reads may be the damaged one
+        why = why or "another process could not read its part"
         moved = self._move_aside(self.directory / str(step), "corrupt")
-        _warn(f"checkpoint step {step} in {self.directory} is unusable: {e}; moved it to {moved.name}"
+        _warn(f"checkpoint step {step} in {self.directory} is unusable: {why}; moved it to {moved.name}"
               + ("; trying the previous one" if step != steps[-1] else ""))
-        problems.append(f"step {step}: {e}")
+        problems.append(f"step {step}: {why}")
         continue
       self.last_saved_step = step
       self._note_config_changes(step, restored.config)

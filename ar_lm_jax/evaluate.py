@@ -1,7 +1,8 @@
 """Held-out evaluation per language: loss, perplexity and bits per byte.
 
 How a document is scored. Its text is NFC-normalized and encoded with Arcade100k
-(no special tokens: no BOS, no EOS), then truncated to `data.seq_len` tokens.
+(no special tokens: no BOS, no EOS, and special-token strings in the text stay
+text), then truncated to `data.seq_len` tokens.
 Token t+1 is predicted from tokens 0..t, so a document of n tokens gives n-1
 predictions: its first token has nothing to be predicted from. A language's
 loss is the mean NLL over all its predictions (documents weighted by their
@@ -28,8 +29,9 @@ import itertools
 import json
 import math
 import os
+import unicodedata
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +40,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ar_lm_jax import checkpoint as checkpoint_lib
 from ar_lm_jax import data_sources, sharding
-from ar_lm_jax import loss as loss_lib
 from ar_lm_jax import train as train_lib
 from ar_lm_jax.config import REPO_ROOT, Config, ConfigError
 from ar_lm_jax.tokenizer import Arcade100k, load_tokenizer
@@ -61,13 +62,15 @@ class Corpus:
   rows: dict[str, np.ndarray]  # tokens/segment_ids/positions [R, seq_len]
 
 
+def nfc_bytes(text: str) -> int:
+  return len(unicodedata.normalize("NFC", text).encode("utf-8"))
+
+
 def encode_corpus(lang: str, texts: Sequence[str], tok: Arcade100k, seq_len: int) -> Corpus:
-  ids = tok.encode_batch(list(texts))
-  kept = [np.asarray(x[:seq_len], np.int32) for x in ids]
-  n_bytes = sum(len(tok.decode_bytes(x[1:])) for x in kept)
-  text_bytes = sum(len(tok.decode_bytes(x)) for x in ids)  # byte-level BPE: the NFC text's UTF-8 bytes
-  return Corpus(lang=lang, docs=len(texts), tokens=sum(max(len(x) - 1, 0) for x in kept), bytes=n_bytes,
-                text_bytes=text_bytes, rows=pack_documents(kept, seq_len))
+  kept = [np.asarray(x[:seq_len], np.int32) for x in tok.encode_batch(list(texts))]
+  return Corpus(lang=lang, docs=len(texts), tokens=sum(max(len(x) - 1, 0) for x in kept),
+                bytes=sum(len(tok.decode_bytes(x[1:])) for x in kept), text_bytes=sum(nfc_bytes(t) for t in texts),
+                rows=pack_documents(kept, seq_len))
 
 
 def pack_documents(docs: Sequence[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
@@ -118,22 +121,20 @@ class Scorer:
     s_nll, _ = train_lib.loss_sums(self.setup.model, params, batch, self.setup.cfg)
     return s_nll
 
-  def device_batches(self, rows: dict[str, np.ndarray]) -> list[dict[str, jax.Array]]:
+  def device_batches(self, rows: dict[str, np.ndarray]) -> Iterator[dict[str, jax.Array]]:
     """Rows cut into [batch_rows, seq_len] global arrays, the last padded with empty rows.
 
     Every process holds all rows, so each builds the shards it owns from the same numpy arrays.
     """
     B = self.batch_rows
     n = rows["tokens"].shape[0]
-    out = []
     for start in range(0, n, B):
       batch = {}
       for k in ROW_KEYS:
         x = np.zeros((B, self.seq_len), np.int32)
         x[:min(B, n - start)] = rows[k][start:start + B]
         batch[k] = jax.make_array_from_callback(x.shape, self._batch_sharding, lambda idx, x=x: x[idx])
-      out.append(batch)
-    return out
+      yield batch
 
   def nll_sum(self, params, batches: Iterable[dict[str, jax.Array]]) -> float:
     total = jnp.zeros((), jnp.float32)
@@ -193,6 +194,10 @@ def read_jsonl(path: str | Path, max_docs: Optional[int] = None) -> list[tuple[s
         raise EvalError(f"{path}:{lineno}: not valid JSON ({e})") from None
       if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not isinstance(record.get("lang"), str):
         raise EvalError(f"{path}:{lineno}: expected an object with string fields \"text\" and \"lang\"")
+      try:
+        record["text"].encode("utf-8")
+      except UnicodeEncodeError:  # a JSON escape of a lone surrogate
+        raise EvalError(f"{path}:{lineno}: the text is not valid Unicode (a lone surrogate)") from None
       lang = record["lang"]
       if max_docs is None or per_lang.get(lang, 0) < max_docs:
         per_lang[lang] = per_lang.get(lang, 0) + 1
@@ -204,10 +209,9 @@ def read_jsonl(path: str | Path, max_docs: Optional[int] = None) -> list[tuple[s
 
 def fertility(texts: Sequence[str], tok: Arcade100k) -> dict[str, float]:
   """Tokens per whitespace-separated word and per UTF-8 byte (of the NFC text), whole documents."""
-  ids = tok.encode_batch(list(texts))
-  tokens = sum(len(x) for x in ids)
+  tokens = sum(len(x) for x in tok.encode_batch(list(texts)))
   words = sum(len(t.split()) for t in texts)
-  n_bytes = sum(len(tok.decode_bytes(x)) for x in ids)
+  n_bytes = sum(nfc_bytes(t) for t in texts)
   return {"docs": len(texts), "words": words, "bytes": n_bytes, "tokens": tokens,
           "tokens_per_word": tokens / max(words, 1), "tokens_per_byte": tokens / max(n_bytes, 1)}
 
@@ -242,7 +246,7 @@ class TrainEvaluator:
     texts = heldout_texts(cfg, cfg.train.eval_max_docs)
     self.corpora = [encode_corpus(lang, t, tok, cfg.data.seq_len) for lang, t in texts.items()]
     self.scorer = Scorer(setup, cfg.data.batch_size // cfg.optim.grad_accum_steps)
-    self.batches = [self.scorer.device_batches(c.rows) for c in self.corpora]
+    self.batches = [list(self.scorer.device_batches(c.rows)) for c in self.corpora]
 
   def __call__(self, params) -> dict[str, float]:
     """{"eval/LANG/loss", "eval/LANG/bpb"} for every language."""

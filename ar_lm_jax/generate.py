@@ -11,7 +11,8 @@ EOS.
 
 Greedy is `temperature=0`; otherwise logits are divided by the temperature, then
 optionally cut to the `top_k` largest and to the smallest set whose probability
-reaches `top_p` (nucleus), then sampled.
+reaches `top_p` (nucleus), then sampled. Ids the tokenizer cannot decode (the
+embedding's padding rows, cl100k's unused id 100256) are never generated.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 
 from ar_lm_jax.config import ModelConfig
 from ar_lm_jax.model import StableLM, lm_logits
-from ar_lm_jax.tokenizer import EOS_ID, N_MERGEABLE, N_VOCAB
+from ar_lm_jax.tokenizer import EOS_ID, N_MERGEABLE, N_VOCAB, load_tokenizer
 
 PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this, so nearby lengths reuse a compilation
 
@@ -107,8 +108,7 @@ def left_pad(prompts: Sequence[Sequence[int]], bucket: int = PROMPT_BUCKET):
   tokens = np.zeros((len(prompts), P), np.int32)
   segments = np.zeros((len(prompts), P), np.int32)
   for b, p in enumerate(prompts):
-    if len(p):
-      tokens[b, P - len(p):] = p
+    tokens[b, P - len(p):] = p
     segments[b, P - len(p):] = 1
   positions = np.maximum(np.arange(P, dtype=np.int32)[None] - (P - lengths)[:, None], 0)
   return tokens, segments, positions, lengths
@@ -187,7 +187,6 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new
 def generate_text(params, cfg: ModelConfig, prompts: Sequence[str], max_new_tokens: int, sampling: Sampling = GREEDY,
                   seed: int = 0, tokenizer_path: Optional[str] = None) -> list[dict]:
   """Text in, text out: {"prompt", "tokens" (the generated ids), "text" (their decoding)} per prompt."""
-  from ar_lm_jax.tokenizer import load_tokenizer
   tok = load_tokenizer(tokenizer_path)
   ids = generate(params, cfg, tok.encode_batch(list(prompts)), max_new_tokens, sampling, jax.random.key(seed))
   return [{"prompt": p, "tokens": x, "text": tok.decode(x)} for p, x in zip(prompts, ids)]

@@ -87,8 +87,11 @@ class HFWeights:
       raise ConversionError(f"{hf_dir}: no {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
     index = d / (SAFE_INDEX if self.kind == "safetensors" else BIN_INDEX)
     if index.is_file():
-      weight_map = json.loads(index.read_text())["weight_map"]
-      self._files = {name: d / f for name, f in weight_map.items()}
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        self._files = {name: d / f for name, f in weight_map.items()}
+      except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(f"{index}: not a weight index ({type(e).__name__}: {e})") from None
     else:
       single = d / (SAFE_SINGLE if self.kind == "safetensors" else BIN_SINGLE)
       self._files = {name: single for name in self._handle(single).keys()}
@@ -98,19 +101,26 @@ class HFWeights:
     if path not in self._open:
       if not path.is_file():
         raise ConversionError(f"{path}: listed in the index but missing")
-      if self.kind == "safetensors":
-        from safetensors import safe_open
-        _np_dtype("bfloat16")
-        self._open[path] = safe_open(str(path), framework="numpy")
-      else:
-        import torch
-        # mmap: tensors are paged in when read, so a sharded .bin never sits in memory whole.
-        self._open[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+      try:
+        if self.kind == "safetensors":
+          from safetensors import safe_open
+          _np_dtype("bfloat16")
+          self._open[path] = safe_open(str(path), framework="numpy")
+        else:
+          import torch
+          # mmap: tensors are paged in when read, so a sharded .bin never sits in memory whole.
+          self._open[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+      except Exception as e:  # safetensors and torch raise their own types for a corrupt file
+        raise ConversionError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
     return self._open[path]
 
   def _shape(self, name: str) -> tuple[int, ...]:
     h = self._handle(self._files[name])
     return tuple(h.get_slice(name).get_shape()) if self.kind == "safetensors" else tuple(h[name].shape)
+
+  def close(self) -> None:
+    """Unmaps the files: pages read through safetensors' mmap otherwise stay resident while a handle lives."""
+    self._open.clear()
 
   def get(self, name: str) -> np.ndarray:
     if name not in self._files:
@@ -125,9 +135,10 @@ class HFWeights:
 def load_hf_params(hf_dir: str | os.PathLike, model_cfg: ModelConfig, shardings: Any = None) -> dict:
   """Our parameter tree for `model_cfg` from an HF directory, checked against it tensor by tensor.
 
-  With `shardings` (a NamedSharding tree like the params) every leaf is placed as
-  soon as it is read, each process copying only its own shards.
+  With `shardings` (a NamedSharding tree like the params, or one Sharding for all)
+  every leaf is placed as soon as it is read, each process copying only its own shards.
   """
+  import jax
   from_hf = hf.model_config_from_hf(read_hf_config(hf_dir), model_cfg)
   weights = HFWeights(hf_dir)
   hf.check_hf_shapes(weights.shapes, model_cfg)
@@ -136,8 +147,9 @@ def load_hf_params(hf_dir: str | os.PathLike, model_cfg: ModelConfig, shardings:
   for leaf in hf.leaves(model_cfg, model_cfg.scan_layers):
     x = hf.leaf_from_hf(leaf, weights.get, _np_dtype(model_cfg.param_dtype))
     if shardings is not None:
-      x = _place(x, _get(shardings, leaf.path))
+      x = _place(x, shardings if isinstance(shardings, jax.sharding.Sharding) else _get(shardings, leaf.path))
     hf.set_path(params, leaf.path, x)
+  weights.close()
   return params
 
 
@@ -244,11 +256,16 @@ def checkpoints_dir(path: str | os.PathLike) -> Path:
   return p / "checkpoints" if (p / "checkpoints").is_dir() else p
 
 
+def _state_dir(ckpt_dir: Path, step: int) -> Path:
+  # checkpoint.py's layout: each step holds a "state" item whose "params" subtree we read alone.
+  return Path(ckpt_dir) / str(step) / "state"
+
+
 def saved_param_shapes(ckpt_dir: Path, step: int) -> dict:
   """Our path -> shape of every saved parameter, from the checkpoint's metadata (no array is read)."""
   import jax
   import orbax.checkpoint as ocp
-  meta = ocp.PyTreeCheckpointHandler().metadata(Path(ckpt_dir) / str(step) / "state")
+  meta = ocp.PyTreeCheckpointHandler().metadata(_state_dir(ckpt_dir, step))
   tree = getattr(meta, "tree", meta)
   if "params" not in tree:
     raise ConversionError(f"{ckpt_dir}/{step}: the saved state has no params")
@@ -256,35 +273,74 @@ def saved_param_shapes(ckpt_dir: Path, step: int) -> dict:
   return {tuple(k.key for k in path): tuple(m.shape) for path, m in flat}
 
 
-def check_saved_shapes(ckpt_dir: Path, step: int, model_cfg: ModelConfig) -> None:
-  """Raises MappingError naming the first parameter whose saved shape differs from `model_cfg`'s."""
+def _abstract_leaves(model_cfg: ModelConfig) -> dict:
   import flax.linen as nn
   import jax
   from ar_lm_jax.model import abstract_params
+  flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params(model_cfg)))[0]
+  return {tuple(k.key for k in path): a for path, a in flat}
+
+
+def check_saved_shapes(ckpt_dir: Path, step: int, model_cfg: ModelConfig) -> None:
+  """Raises MappingError naming the first parameter whose saved shape differs from `model_cfg`'s."""
   saved = saved_param_shapes(ckpt_dir, step)
-  want = {tuple(k.key for k in path): tuple(a.shape)
-          for path, a in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params(model_cfg)))[0]}
-  for path, shape in want.items():
+  for path, a in _abstract_leaves(model_cfg).items():
     name = "params/" + "/".join(path)
     if path not in saved:
-      raise hf.MappingError(f"{name}: missing from the checkpoint in {ckpt_dir}/{step} (the config expects {shape})")
-    if saved[path] != shape:
-      raise hf.MappingError(f"{name}: checkpoint shape {saved[path]} does not match the config's {shape}")
+      raise hf.MappingError(f"{name}: missing from the checkpoint in {ckpt_dir}/{step} (the config expects {a.shape})")
+    if saved[path] != tuple(a.shape):
+      raise hf.MappingError(f"{name}: checkpoint shape {saved[path]} does not match the config's {tuple(a.shape)}")
 
 
-def _read_checkpoint(checkpoint: str | os.PathLike, step: Optional[int], model_cfg: Optional[ModelConfig] = None,
-                     shardings: Any = None) -> tuple[int, Config, Any]:
-  """(step, saved run config, params) of a checkpoint; only the params are read, never the optimizer state."""
+class CheckpointParams:
+  """A checkpoint's parameters as numpy arrays, read a group of leaves at a time on demand.
+
+  Called with a leaf path in `hf.leaves` order, it restores the next group of up
+  to `group_bytes` (partial restore: the optimizer state is never read) and hands
+  each leaf out once, so an export never holds the whole model: restoring the
+  whole tree at once peaks at about three copies of it.
+  """
+
+  def __init__(self, ckpt_dir: Path, step: int, model_cfg: ModelConfig, group_bytes: int = 1 << 30):
+    self._dir = _state_dir(ckpt_dir, step)
+    self._structs = _abstract_leaves(model_cfg)
+    self._groups: list[list[tuple]] = []
+    size = group_bytes
+    for leaf in hf.leaves(model_cfg, model_cfg.scan_layers):
+      a = self._structs[leaf.path]
+      nbytes = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+      if size + nbytes > group_bytes:
+        self._groups.append([])
+        size = 0
+      self._groups[-1].append(leaf.path)
+      size += nbytes
+    self._group_of = {path: i for i, g in enumerate(self._groups) for path in g}
+    self._loaded: dict[tuple, np.ndarray] = {}
+
+  def __call__(self, path: tuple) -> np.ndarray:
+    if path not in self._loaded:
+      self._loaded = {}  # drop what is left of the previous group before reading the next
+      self._loaded = self._restore(self._groups[self._group_of[path]])
+    return self._loaded.pop(path)
+
+  def _restore(self, paths: list[tuple]) -> dict[tuple, np.ndarray]:
+    import jax
+    import orbax.checkpoint as ocp
+    item: dict = {}
+    for path in paths:
+      hf.set_path(item, ("params", *path), self._structs[path])
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    out = ocp.PyTreeCheckpointHandler().restore(
+        self._dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+    return {path: _get(out["params"], path) for path in paths}
+
+
+def _saved_config(ckpt_dir: Path, step: Optional[int]) -> tuple[int, Config]:
   from ar_lm_jax import checkpoint as ckpt_lib
-  ckpt_dir = checkpoints_dir(checkpoint)
   try:
-    step, cfg = ckpt_lib.saved_config(ckpt_dir, step)
+    return ckpt_lib.saved_config(ckpt_dir, step)
   except ckpt_lib.CheckpointError as e:
     raise ConversionError(str(e)) from None
-  if model_cfg is not None:
-    cfg = cfg.replace(model=model_cfg)
-  check_saved_shapes(ckpt_dir, step, cfg.model)
-  return step, cfg, ckpt_lib.restore_params(ckpt_dir, step, cfg, shardings)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, step: Optional[int] = None,
@@ -295,12 +351,15 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
   from ar_lm_jax.tokenizer import N_VOCAB, load_tokenizer
   if dtype not in EXPORT_DTYPES:
     raise ConversionError(f"dtype: must be one of {EXPORT_DTYPES}, got {dtype!r}")
-  step, cfg, params = _read_checkpoint(checkpoint, step)
+  ckpt_dir = checkpoints_dir(checkpoint)
+  step, cfg = _saved_config(ckpt_dir, step)
+  check_saved_shapes(ckpt_dir, step, cfg.model)
   if cfg.model.vocab_size < N_VOCAB:
     raise hf.MappingError(f"model.vocab_size={cfg.model.vocab_size} has no rows for the tokenizer's {N_VOCAB} ids")
   hf.hf_config_dict(cfg.model)  # refuses an architecture HF cannot express before anything is written
   out = prepare_out_dir(out_dir, overwrite)
-  summary = save_hf_model(params, cfg.model, out, dtype, cfg.model.scan_layers, max_shard_bytes)
+  summary = save_hf_model(CheckpointParams(ckpt_dir, step, cfg.model), cfg.model, out, dtype, cfg.model.scan_layers,
+                          max_shard_bytes)
   save_hf_tokenizer(load_tokenizer(cfg.data.tokenizer_path), str(out))
   (out / RUN_CONFIG).write_text(dumps(cfg))
   return {"out": str(out), "step": step, "dtype": dtype, **summary}
@@ -326,7 +385,9 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Option
     seq_len = min(DataConfig().seq_len, from_hf.max_position_embeddings)
     cfg = Config(name=f"hf-{Path(hf_dir).absolute().name}", model=from_hf,
                  data=dataclasses.replace(DataConfig(), seq_len=seq_len))
-  params = load_hf_params(hf_dir, cfg.model)
+  # Each leaf goes to a device as it is read: orbax saves jax arrays with about a third of the
+  # transient memory it needs for numpy ones.
+  params = load_hf_params(hf_dir, cfg.model, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   out = prepare_out_dir(out_dir, overwrite, _CKPT_OUTPUTS)
   (out / "config.json").write_text(dumps(cfg))
   ckpt = Checkpointer(out / "checkpoints", cfg)
@@ -354,20 +415,20 @@ def init_params(source: str | os.PathLike, model_cfg: ModelConfig, shardings: An
     raise ConversionError(f"checkpoint.init_from: {source} is not a directory")
   if not is_our_checkpoint(source):
     return load_hf_params(source, model_cfg, shardings)
-  ckpt_dir = checkpoints_dir(source)
   from ar_lm_jax import checkpoint as ckpt_lib
-  try:
-    step, saved = ckpt_lib.saved_config(ckpt_dir)
-  except ckpt_lib.CheckpointError as e:
-    raise ConversionError(f"checkpoint.init_from: {e}") from None
+  ckpt_dir = checkpoints_dir(source)
+  step, saved = _saved_config(ckpt_dir, None)
   hf.check_same_architecture(model_cfg, saved.model, f"the checkpoint in {ckpt_dir}/{step}")
   if saved.model.scan_layers == model_cfg.scan_layers:
-    return _read_checkpoint(ckpt_dir, step, model_cfg, shardings)[2]
-  _, _, src = _read_checkpoint(ckpt_dir, step)
-  tensors = dict(hf.params_to_hf(src, saved.model, saved.model.scan_layers))
-  del src
+    check_saved_shapes(ckpt_dir, step, model_cfg)
+    return ckpt_lib.restore_params(ckpt_dir, step, saved.replace(model=model_cfg), shardings)
+  check_saved_shapes(ckpt_dir, step, saved.model)
+  read = CheckpointParams(ckpt_dir, step, saved.model)
+  tensors: dict[str, np.ndarray] = {}
+  for leaf in hf.leaves(saved.model, saved.model.scan_layers):
+    tensors.update(hf.leaf_to_hf(leaf, read(leaf.path)))
   params: dict = {}
   for leaf in hf.leaves(model_cfg, model_cfg.scan_layers):
-    hf.set_path(params, leaf.path, _place(hf.leaf_from_hf(leaf, tensors.__getitem__, _np_dtype(model_cfg.param_dtype)),
-                                          _get(shardings, leaf.path)))
+    x = hf.leaf_from_hf(leaf, tensors.pop, _np_dtype(model_cfg.param_dtype))
+    hf.set_path(params, leaf.path, _place(x, _get(shardings, leaf.path)))
   return params

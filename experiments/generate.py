@@ -3,7 +3,7 @@
 
 Continues the prompt with a trainer checkpoint (KV-cached decoding, stops at EOS
 or after N tokens), prints the continuation, then a last line that is a JSON
-object {"tokens": generated ids, "text": their decoding}. Exit codes: 0 ok,
+object {"tokens": the generated ids (EOS not included), "text": their decoding}. Exit codes: 0 ok,
 2 bad input (one line on stderr).
 """
 
@@ -18,7 +18,7 @@ def main() -> int:
   p.add_argument("--checkpoint", default=None, help="a checkpoints directory, or one step's directory in it")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--prompt", required=True, help="text to continue (no BOS is added)")
-  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--max_new_tokens", type=int, default=64, help="stop after N tokens if no EOS came first")
   p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling flags)")
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--top_k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
@@ -27,8 +27,8 @@ def main() -> int:
   _, args = cli.parse_args(p)
 
   from ar_lm_jax import evaluate, generate  # jax is imported only after the flags parsed
-  sampling = generate.GREEDY if args.greedy else generate.Sampling(args.temperature, args.top_k, args.top_p)
   try:
+    sampling = (generate.GREEDY if args.greedy else generate.Sampling(args.temperature, args.top_k, args.top_p)).check()
     run = evaluate.load_run(args.workdir, args.checkpoint, args.step)
     cfg = run.setup.cfg
     [out] = generate.generate_text(run.params, cfg.model, [args.prompt], args.max_new_tokens, sampling, args.seed,

@@ -206,6 +206,7 @@ def test_fertility_counts_words_bytes_and_tokens():
     (['{"text": "a b c", "lang": "en"}', "{not json"], "heldout.jsonl:2: not valid JSON"),
     (['{"text": "a b c"}'], "heldout.jsonl:1: expected an object"),
     ([""], "no documents"),
+    (['{"text": "a \\ud800 b", "lang": "en"}'], "heldout.jsonl:1: the text is not valid Unicode"),
 ])
 def test_bad_data_exits_2_with_the_line_number(workdir, tmp_path, lines, message):
   path = tmp_path / "heldout.jsonl"

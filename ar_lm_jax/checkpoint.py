@@ -8,8 +8,9 @@ A checkpoint is `checkpoints/<step>/` with four orbax items:
 
 Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a crash in the
 middle of a save never leaves a listed step. What the rename cannot catch is a finished checkpoint
-that is damaged later (a truncated or half-copied file raises on read, a flipped byte in an array
-chunk reads back without any error); the fingerprint catches both. It is a wrapping uint32 sum,
+that is damaged later: a truncated file raises on read, but a flipped byte in an array chunk or
+the arrays of another step copied in by mistake read back as plausible numbers without any error.
+The fingerprint catches those. It is a wrapping uint32 sum,
 the same on any mesh, so a restore onto another mesh checks it too.
 
 Nothing is deleted except by the keep policy: an unfinished save or a damaged checkpoint is renamed
@@ -198,9 +199,6 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.last_saved_step = self.manager.latest_step()
 
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
-
   def due(self, step: int) -> bool:
     """Whether a multiple of checkpoint.every_steps has passed since the last save (a skipped one stays due)."""
     every = self.cfg.checkpoint.every_steps
@@ -354,14 +352,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 # Reading a checkpoint outside training (evaluation, conversion).
 
 
-def _steps(directory: Path) -> list[int]:
-  return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
-
-
 def saved_config(directory: str | Path, step: Optional[int] = None) -> tuple[int, config_lib.Config]:
   """(step, the config it was saved with) of a checkpoints folder; the latest step when `step` is None."""
   directory = Path(directory)
-  steps = _steps(directory)
+  steps = sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
   if step is None:
     if not steps:
       raise CheckpointError(f"no checkpoint in {directory}")
@@ -399,7 +393,10 @@ def restore_params(directory: str | Path, step: int, cfg: config_lib.Config, sha
     raise CheckpointError(f"cannot read the params of checkpoint {path} ({_short(e)})") from None
   params = out["params"]
   if (path / "fingerprint").is_dir():
-    saved = ocp.handlers.JsonCheckpointHandler().restore(epath.Path(path / "fingerprint"))
+    try:
+      saved = ocp.handlers.JsonCheckpointHandler().restore(epath.Path(path / "fingerprint"))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"cannot read the fingerprint of checkpoint {path} ({_short(e)})") from None
     bad = [k for k in _mismatches({"params": params}, saved) if k in saved]
     if bad:
       raise CheckpointError(f"checkpoint {path}: {len(bad)} param array(s) differ from the fingerprint taken when "
@@ -483,7 +480,7 @@ class BadStepGuard:
       self.first_bad = step if self.streak == 1 else self.first_bad
 
   def finite_at(self, step: int, finite: Any) -> bool:
-    """Whether the state after `step` follows only finite steps since the last finite one, i.e. is safe to save."""
+    """Whether `step` was finite, so that the state after it is the last good one and may be saved."""
     self.observe(step, finite)
     return self.streak == 0
 

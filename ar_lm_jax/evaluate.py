@@ -262,13 +262,13 @@ class TrainEvaluator:
 # From a saved run (the command-line tools and the notebook).
 
 
-def default_workdir(env: str = "AR_LM_JAX_WORKDIR") -> Path:
-  """$AR_LM_JAX_WORKDIR, else the newest run under runs/ that has a checkpoint (the default train command's)."""
+def default_workdir(runs_dir: Path = REPO_ROOT / "runs", env: str = "AR_LM_JAX_WORKDIR") -> Path:
+  """$AR_LM_JAX_WORKDIR, else the newest run in runs/ that has checkpoints (where `experiments.train` writes)."""
   if os.environ.get(env):
     return Path(os.environ[env])
-  runs = sorted((p for p in (REPO_ROOT / "runs").glob("*") if (p / "checkpoints").is_dir()), key=lambda p: p.stat().st_mtime)
+  runs = sorted((p for p in Path(runs_dir).glob("*") if (p / "checkpoints").is_dir()), key=lambda p: p.stat().st_mtime)
   if not runs:
-    raise EvalError(f"${env} is not set and {REPO_ROOT / 'runs'} holds no run with checkpoints; "
+    raise EvalError(f"${env} is not set and {runs_dir} holds no run with checkpoints; "
                     "train one with `python -m experiments.train`")
   return runs[-1]
 
@@ -306,9 +306,9 @@ def for_devices(cfg: Config, num_devices: int, batch_rows: Optional[int] = None)
 @dataclasses.dataclass
 class LoadedRun:
   setup: train_lib.Setup  # the run's model and shardings, fitted to these devices
-  params: Any
-  step: int
-  directory: Path
+  params: Any  # placed in setup.state_shardings["params"]
+  step: int  # the checkpoint's step
+  directory: Path  # the orbax checkpoints folder it came from
 
 
 def load_run(workdir: Optional[str] = None, checkpoint: Optional[str] = None, step: Optional[int] = None,

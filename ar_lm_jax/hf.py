@@ -257,6 +257,8 @@ def _rope(hf: Mapping) -> tuple[float, float]:
 
 def model_config_from_hf(hf: Mapping, base: ModelConfig | None = None) -> ModelConfig:
   """Our ModelConfig for an HF StableLm config dict (non-architecture fields from `base`); refuses other models."""
+  if "model_type" not in hf:
+    raise MappingError("config.json: no model_type, so not a Hugging Face model config")
   if hf.get("model_type") != HF_MODEL_TYPE:
     raise MappingError(f"config.json: model_type is {hf.get('model_type')!r}, expected {HF_MODEL_TYPE!r} "
                        f"({HF_ARCHITECTURE}); this converter handles StableLM 2 models only")

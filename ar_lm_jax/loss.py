@@ -47,15 +47,16 @@ def _token_nll(logits_BTV: jax.Array, targets_BT: jax.Array):
 def nll_sums(hidden_BTD, head_DV, targets_BT, mask_BT, dtype: str, chunk_size: int = 0, z_grad: bool = True):
   """(sum of NLL, sum of log(Z)^2) over masked positions.
 
-  `chunk_size` positions per chunk along the sequence (0: unchunked). With
+  `chunk_size` positions per chunk along the sequence (0: unchunked autodiff). With
   `z_grad=False` the log(Z)^2 sum carries no gradient, which lets a chunked loss
   take the fused path.
   """
   B, T, D = hidden_BTD.shape
-  if chunk_size <= 0 or chunk_size >= T:
+  if chunk_size <= 0:
     nll_BT, lse_BT = _token_nll(lm_logits(hidden_BTD, head_DV, dtype), targets_BT)
     s_z = jnp.sum(jnp.square(lse_BT) * mask_BT)
     return jnp.sum(nll_BT * mask_BT), (s_z if z_grad else jax.lax.stop_gradient(s_z))
+  chunk_size = min(chunk_size, T)  # one chunk: the whole sequence at once, still with the fused gradient
   if T % chunk_size:
     raise ValueError(f"train.loss_chunk_size={chunk_size} must divide data.seq_len={T}")
   mask_BT = mask_BT.astype(jnp.float32)
@@ -103,13 +104,13 @@ def _fused_forward(hidden_BTD, head_DV, targets_BT, mask_BT, dtype: str, chunk_s
     h_BCD, t_BC, m_BC = xs
     logits_BCV = lm_logits(h_BCD, head_DV, dtype)
     lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-    onehot_BCV = jnp.arange(logits_BCV.shape[-1], dtype=t_BC.dtype) == t_BC[..., None]
-    target_logit_BC = jnp.sum(jnp.where(onehot_BCV, logits_BCV, 0.0), axis=-1)
+    target_logit_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
     s_nll = s_nll + jnp.sum((lse_BC - target_logit_BC) * m_BC)
     s_z = s_z + jnp.sum(jnp.square(lse_BC) * m_BC)
     if not with_grads:
       return (s_nll, s_z, dhead_DV), None
     probs_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
+    onehot_BCV = jnp.arange(logits_BCV.shape[-1], dtype=t_BC.dtype) == t_BC[..., None]
     dlogits_BCV = ((probs_BCV - onehot_BCV) * m_BC[..., None]).astype(dt)
     dh_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, head_dt_DV, preferred_element_type=jnp.float32)
     dhead_DV = dhead_DV + jnp.einsum("bcd,bcv->dv", h_BCD.astype(dt), dlogits_BCV, preferred_element_type=jnp.float32)

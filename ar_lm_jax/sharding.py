@@ -31,7 +31,7 @@ def logical_rules(mesh_cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
       ("vocab", MODEL),  # embedding rows and LM-head columns: vocab-parallel
       ("heads", MODEL),  # q/k/v column-parallel, o row-parallel
       ("mlp", MODEL),  # gate/up column-parallel, down row-parallel
-      ("embed", DATA if mesh_cfg.fsdp else None),
+      ("embed", DATA if mesh_cfg.fsdp else None),  # FSDP: weights split over data too, gathered per layer
       ("head_dim", None),
       ("norm", None),
       ("layers", None),
@@ -52,7 +52,8 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int
       raise ConfigError(f"mesh.model: {model} does not divide the {num_devices} devices")
     data = num_devices // model
   if data * model != num_devices:
-    raise ConfigError(f"mesh: data={data} x model={model} = {data * model} does not match the {num_devices} devices")
+    raise ConfigError(f"mesh: data={data} x model={model} = {data * model} does not match the {num_devices} devices "
+                      f"(mesh.data=-1 takes the devices mesh.model leaves)")
   return data, model
 
 

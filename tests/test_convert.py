@@ -10,6 +10,7 @@ the same parameters and the same evaluation loss.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,9 @@ import torch
 
 from ar_lm_jax import checkpoint as checkpoint_lib
 from ar_lm_jax import cli, data, evaluate, hf, trainer
+from ar_lm_jax import train as train_lib
 from ar_lm_jax.config import apply_overrides, load_config
+from ar_lm_jax.model import StableLM
 from ar_lm_jax.tokenizer import load_tokenizer
 from tools import convert_from_pytorch, convert_to_pytorch
 
@@ -120,41 +123,54 @@ def held_out() -> dict[str, list[str]]:
   return docs
 
 
-def per_document(lines: list[dict], docs: dict[str, list[str]]) -> dict[str, list[tuple[float, int]]]:
-  by_key = {line["lang"]: line for line in lines}
-  return {lang: [(by_key[f"{lang}:{i}"]["loss"], by_key[f"{lang}:{i}"]["tokens"]) for i in range(len(texts))]
-          for lang, texts in docs.items()}
-
-
-def our_per_document_losses(**where) -> dict[str, list[tuple[float, int]]]:
-  """(loss, tokens) per held-out document, by our evaluation (each document its own "language")."""
-  docs = held_out()
-  loaded = evaluate.load_run(**where, batch_rows=1)  # one document per "language": one row per batch
-  lines = evaluate.evaluate_texts(loaded, {f"{lang}:{i}": [t] for lang, texts in docs.items() for i, t in enumerate(texts)})
-  return per_document(lines, docs)
-
-
 def language_loss(per_doc: list[tuple[float, int]]) -> float:
   return sum(loss * n for loss, n in per_doc) / sum(n for _, n in per_doc)
 
 
+def our_per_document_losses(cfg, workdir: Path, step: int) -> dict[str, list[tuple[float, int]]]:
+  """(loss, tokens) per held-out document: our model on each document alone, through the train step's loss."""
+  tok = load_tokenizer()
+  params = checkpoint_lib.restore_params(workdir / "checkpoints", step, cfg)
+  T = cfg.data.seq_len
+  nll = jax.jit(lambda p, b: train_lib.loss_sums(StableLM(cfg.model), p, b, cfg)[0])
+  out = {}
+  for lang, texts in held_out().items():
+    out[lang] = []
+    for text in texts:
+      ids = tok.encode(text)[:T]
+      batch = {k: np.zeros((1, T), np.int32) for k in ("tokens", "segment_ids", "positions")}
+      batch["tokens"][0, :len(ids)] = ids
+      batch["segment_ids"][0, :len(ids)] = 1
+      batch["positions"][0, :len(ids)] = np.arange(len(ids))
+      out[lang].append((float(nll(params, batch)) / (len(ids) - 1), len(ids) - 1))
+  return out
+
+
+def our_evaluation(workdir: Path) -> dict[str, dict]:
+  """`experiments.evaluate`'s result lines on the held-out documents, by language."""
+  lines = evaluate.evaluate_texts(evaluate.load_run(workdir=str(workdir)), held_out())
+  return {line["lang"]: line for line in lines}
+
+
 @pytest.fixture(scope="module")
 def ours(run):
-  return our_per_document_losses(workdir=str(run[1]))
+  cfg, workdir, _ = run
+  return our_per_document_losses(cfg, workdir, 2), our_evaluation(workdir)
 
 
 def test_export_loads_offline_and_scores_like_our_evaluation(run, exported, ours):
   from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, StableLmForCausalLM
   cfg = run[0]
+  per_doc, evaluation = ours
   model = AutoModelForCausalLM.from_pretrained(exported).eval()
   tok = AutoTokenizer.from_pretrained(exported)
   assert isinstance(model, StableLmForCausalLM) and isinstance(tok, PreTrainedTokenizerFast)
   assert model.get_input_embeddings().weight.shape[0] == cfg.model.vocab_size == 100352  # padding rows kept
   ref_tok = load_tokenizer()
-  docs = held_out()
-  for text in [t for texts in docs.values() for t in texts] + EDGE_CASES:
-    assert tok(text)["input_ids"] == ref_tok.encode(text, allow_special=True)
-  for lang, texts in docs.items():
+  sample = [json.loads(line)["text"] for path in sorted(SAMPLE.glob("*.jsonl")) for line in open(path) if line.strip()]
+  texts = sample + EDGE_CASES
+  assert tok(texts)["input_ids"] == ref_tok.encode_batch(texts, allow_special=True)  # the whole bilingual sample
+  for lang, texts in held_out().items():
     hf_docs = []
     for text in texts:
       ids = tok(text)["input_ids"][:cfg.data.seq_len]
@@ -162,9 +178,10 @@ def test_export_loads_offline_and_scores_like_our_evaluation(run, exported, ours
         logits = model(torch.tensor([ids])).logits[0, :-1].double()
       nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
       hf_docs.append((nll / (len(ids) - 1), len(ids) - 1))
-    for (hf_loss, hf_n), (our_loss, our_n) in zip(hf_docs, ours[lang]):
+    for (hf_loss, hf_n), (our_loss, our_n) in zip(hf_docs, per_doc[lang]):
       assert hf_n == our_n and abs(hf_loss - our_loss) <= 1e-4 * our_loss
-    assert abs(language_loss(hf_docs) - language_loss(ours[lang])) <= 1e-4 * language_loss(ours[lang])
+    assert sum(n for _, n in hf_docs) == evaluation[lang]["tokens"]
+    assert abs(language_loss(hf_docs) - evaluation[lang]["loss"]) <= 1e-4 * evaluation[lang]["loss"]
 
 
 def test_bf16_export_and_generate(run, tmp_path):
@@ -187,6 +204,14 @@ def test_import_of_the_export_gives_the_same_params_and_evaluation(run, exported
   a = checkpoint_lib.restore_params(workdir / "checkpoints", 2, cfg)
   b = checkpoint_lib.restore_params(tmp_path / "checkpoints", 0, cfg)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
-  again = our_per_document_losses(workdir=str(tmp_path))
-  for lang in ours:
-    assert abs(language_loss(again[lang]) - language_loss(ours[lang])) <= 1e-6 * language_loss(ours[lang])
+  again = our_evaluation(tmp_path)
+  for lang in ("en", "ar"):
+    assert abs(again[lang]["loss"] - ours[1][lang]["loss"]) <= 1e-6 * ours[1][lang]["loss"]
+
+
+def test_a_checkpoint_in_the_workdir_wins_over_init_from(run):
+  """Rerunning the same workdir resumes at step 2 instead of starting again from the HF weights."""
+  cfg, workdir, _ = run
+  summary = trainer.run(cfg.replace(train=dataclasses.replace(cfg.train, steps=3)), workdir)
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3] and summary["first_loss"] == rows[2]["loss"]

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import unicodedata
+from pathlib import Path
 from unittest import mock
 
 import jax
@@ -37,7 +38,7 @@ EXTRA = [("en", "Hi"),  # a single token: counted as a document, predicts nothin
 
 def sample_records() -> list[tuple[str, str]]:
   """The bundled held-out documents, languages interleaved, plus EXTRA."""
-  by_lang = {lang: [json.loads(l)["text"] for l in open(SAMPLE_DIR / f"{lang}_valid.jsonl") if l.strip()]
+  by_lang = {lang: [json.loads(l)["text"] for l in (SAMPLE_DIR / f"{lang}_valid.jsonl").read_text().splitlines() if l.strip()]
              for lang in ("en", "ar")}
   mixed = [r for pair in zip(*[[(lang, t) for t in texts] for lang, texts in by_lang.items()]) for r in pair]
   return mixed + EXTRA
@@ -191,6 +192,18 @@ def test_in_training_evaluator_scores_the_first_documents_like_the_command(workd
     want = summarize(first, "all")
     assert got[f"eval/{lang}/loss"] == pytest.approx(want["loss"], rel=1e-4)
     assert got[f"eval/{lang}/bpb"] == pytest.approx(want["bits_per_byte"], rel=1e-4)
+
+
+def test_default_workdir_is_the_env_var_else_the_newest_run_with_checkpoints(tmp_path, monkeypatch):
+  monkeypatch.delenv("AR_LM_JAX_WORKDIR", raising=False)
+  with pytest.raises(ev.EvalError, match="experiments.train"):
+    ev.default_workdir(tmp_path)
+  for i, name in enumerate(["tiny-b", "tiny-a", "no-checkpoints"]):
+    (tmp_path / name / ("checkpoints" if name != "no-checkpoints" else "logs")).mkdir(parents=True)
+    os.utime(tmp_path / name, (1000 + i, 1000 + i))
+  assert ev.default_workdir(tmp_path) == tmp_path / "tiny-a"
+  monkeypatch.setenv("AR_LM_JAX_WORKDIR", "/somewhere/else")
+  assert ev.default_workdir(tmp_path) == Path("/somewhere/else")
 
 
 def test_fertility_counts_words_bytes_and_tokens():

@@ -49,7 +49,7 @@ def tensorboard_tags(directory) -> dict[str, list[int]]:
 
 
 def test_training_logs_per_language_eval_to_jsonl_and_tensorboard(workdir):
-  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   evals = [r for r in rows if "eval/en/loss" in r]
   assert [r["step"] for r in evals] == [2, 4]
   for r in evals:

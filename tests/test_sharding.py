@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -229,31 +229,59 @@ def env_with_devices(n: int) -> dict:
           "PYTHONPATH": str(REPO)}
 
 
-def start(args: list[str], devices: int, log: Path) -> subprocess.Popen:
-  f = open(log, "w")
-  # Its own process group, so a hung child (e.g. one waiting for a peer) is killed with its helpers.
-  return subprocess.Popen([sys.executable, *args], env=env_with_devices(devices), cwd=REPO,
-                          stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
-def finish(procs: dict[str, tuple[subprocess.Popen, Path]], timeout_s: float) -> dict[str, str]:
-  """Waits for every process (all share one deadline); kills all of them on any failure or timeout."""
-  deadline = time.monotonic() + timeout_s
-  outputs = {}
-  try:
-    for name, (proc, log) in procs.items():
-      try:
-        rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
-      except subprocess.TimeoutExpired:
-        pytest.fail(f"{name} still running after {timeout_s}s:\n{log.read_text()[-3000:]}")
-      outputs[name] = log.read_text()
-      assert rc == 0, f"{name} exited {rc}:\n{outputs[name][-3000:]}"
-  finally:
-    for proc, _ in procs.values():
+class Runs:
+  """Subprocesses started together (so that they share the 2 cores), each awaited by the test that checks it."""
+
+  def __init__(self, workdir: Path):
+    self.workdir = workdir
+    self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+  def start(self, name: str, args: list[str], devices: int) -> None:
+    log = self.workdir / f"{name}.log"
+    with open(log, "w") as f:
+      # Its own session, so that a hung child (e.g. one waiting for its peer) dies with its helpers.
+      proc = subprocess.Popen([sys.executable, *args], env=env_with_devices(devices), cwd=REPO,
+                              stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    self.procs[name] = (proc, log)
+
+  def output(self, name: str, timeout_s: float = 600) -> str:
+    proc, log = self.procs[name]
+    try:
+      rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+      self.kill()
+      pytest.fail(f"{name} still running after {timeout_s}s:\n{log.read_text()[-3000:]}")
+    text = log.read_text()
+    assert rc == 0, f"{name} exited {rc}:\n{text[-3000:]}"
+    return text
+
+  def kill(self) -> None:
+    for proc, _ in self.procs.values():
       if proc.poll() is None:
-        os.killpg(proc.pid, 9)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-  return outputs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Every trainer run of this file, started at once: 1x1; 8x1, 4x2, 2x4; two processes of 2x2 and their reference."""
+  r = Runs(tmp_path_factory.mktemp("runs"))
+  r.start("1x1", ["-c", MESH_RUNS, str(r.workdir), "1x1", json.dumps(TINY_5_STEPS)], devices=1)
+  r.start("8 devices", ["-c", MESH_RUNS, str(r.workdir), "8x1,4x2,2x4", json.dumps(TINY_5_STEPS)], devices=8)
+  flags = TINY_5_STEPS + ["--config.mesh.data=2", "--config.mesh.model=2"]
+  cluster = [f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2"]
+  for i in range(2):
+    r.start(f"process {i}", ["-m", "experiments.train", f"--workdir={r.workdir / 'two'}", *cluster, f"--process_id={i}",
+                             *flags], devices=2)
+  r.start("reference", ["-c", CONCAT_PROCESSES, str(r.workdir / "one"), json.dumps(flags)], devices=4)
+  yield r
+  r.kill()
 
 
 def last_json(text: str):
@@ -266,39 +294,18 @@ def assert_same_losses(a: list[float], b: list[float], what: str):
     assert abs(x - y) <= 1e-4 * abs(y), f"{what}: {a} vs {b}"
 
 
-def test_losses_equal_on_1x1_8x1_4x2_2x4(tmp_path):
-  flags = json.dumps(TINY_5_STEPS)
-  procs = {
-      "1x1": (start(["-c", MESH_RUNS, str(tmp_path), "1x1", flags], 1, tmp_path / "one.log"), tmp_path / "one.log"),
-      "8 devices": (start(["-c", MESH_RUNS, str(tmp_path), "8x1,4x2,2x4", flags], 8, tmp_path / "eight.log"),
-                    tmp_path / "eight.log"),
-  }
-  out = finish(procs, timeout_s=600)
-  losses = {**last_json(out["1x1"]), **last_json(out["8 devices"])}
+def test_losses_equal_on_1x1_8x1_4x2_2x4(runs):
+  losses = {**last_json(runs.output("1x1")), **last_json(runs.output("8 devices"))}
   reference = losses.pop("1x1")
   assert reference[-1] < reference[0] - 0.05  # it trained: equality is not between constants
+  assert set(losses) == {"8x1", "4x2", "2x4"}
   for mesh, got in losses.items():
     assert_same_losses(got, reference, f"mesh {mesh} vs 1x1")
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
-  flags = TINY_5_STEPS + ["--config.mesh.data=2", "--config.mesh.model=2"]
-  cluster = [f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2"]
-  procs = {}
-  for i in range(2):
-    log = tmp_path / f"process{i}.log"
-    procs[f"process {i}"] = (start(["-m", "experiments.train", f"--workdir={tmp_path / 'two'}", *cluster,
-                                    f"--process_id={i}", *flags], 2, log), log)
-  log = tmp_path / "reference.log"
-  procs["reference"] = (start(["-c", CONCAT_PROCESSES, str(tmp_path / "one"), json.dumps(flags)], 4, log), log)
-  out = finish(procs, timeout_s=600)
-  two = [json.loads(line)["loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+def test_two_processes_match_one_process_on_the_same_global_batch(runs):
+  out = {name: runs.output(name) for name in ("process 0", "process 1", "reference")}
+  two = [json.loads(line)["loss"] for line in (runs.workdir / "two" / "metrics.jsonl").read_text().splitlines()]
   one = last_json(out["reference"])
   assert one[-1] < one[0] - 0.05
   assert_same_losses(two, one, "2 processes x 2 devices vs 1 process x 4 devices")

@@ -168,15 +168,15 @@ def hf_to_params(get_tensor: Callable[[str], np.ndarray], cfg: ModelConfig, scan
                  expected_shapes: Mapping | None = None) -> dict:
   """Builds our (unboxed) param tree, in `cfg.param_dtype`, from HF tensors fetched by name.
 
-  `expected_shapes` (our path -> shape, e.g. from `jax.eval_shape`) additionally
-  checks our side of the mapping.
+  `expected_shapes` (a tree of shapes or ShapeDtypeStructs, e.g. from
+  `jax.eval_shape`) additionally checks our side of the mapping.
   """
   import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
   params: dict = {}
   for leaf in leaves(cfg, scan_layers):
     x = leaf_from_hf(leaf, get_tensor, np.dtype(cfg.param_dtype))
     if expected_shapes is not None:
-      want = tuple(_get(expected_shapes, leaf.path))
+      want = tuple(getattr(_get(expected_shapes, leaf.path), "shape", _get(expected_shapes, leaf.path)))
       if x.shape != want:
         raise MappingError(f"{'/'.join(leaf.path)}: mapped shape {x.shape} does not match the model's {want}")
     set_path(params, leaf.path, x)

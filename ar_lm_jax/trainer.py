@@ -82,10 +82,10 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   flops_per_token = perf.model_flops_per_token(cfg.model, cfg.data.seq_len)
   peak = perf.peak_flops_per_device()
   first_loss = last_loss = None
-  pending: Optional[tuple[int, dict, str]] = None
+  pending: Optional[tuple[int, dict, str, dict]] = None
   t_last, step_last = time.perf_counter(), start_step
 
-  def report(step: int, metrics: dict, data_hash: str) -> None:
+  def report(step: int, metrics: dict, data_hash: str, data_stats: dict) -> None:
     nonlocal first_loss, last_loss, t_last, step_last
     m = jax.device_get(metrics)
     loss = float(m["loss"])
@@ -98,7 +98,7 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
            "skipped_steps": int(m["skipped_steps"])}
     if peak:
       row["mfu"] = tps * flops_per_token / (peak * jax.device_count())
-    row.update(data_iter.stats())
+    row.update(data_stats)
     row["data/batch_hash"] = data_hash
     writer.write(step, row)
     writer.progress(step, loss, tps)
@@ -122,7 +122,7 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
         report(*pending)
         pending = None
       if step % cfg.train.log_every == 0 or step == end_step:
-        pending = (step, metrics, batch_hash(local_batch))
+        pending = (step, metrics, batch_hash(local_batch), data_iter.stats())  # stats as of this step's batch
       if bad.tripped:
         break
       if evaluator is not None and step % cfg.train.eval_every == 0:

@@ -20,7 +20,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
 
 from ar_lm_jax import model as model_lib
 from ar_lm_jax import optim, sharding
@@ -185,8 +185,8 @@ import json, sys
 from ar_lm_jax import cli, trainer
 out = {}
 for mesh in sys.argv[2].split(","):
-  d, m, *fsdp = mesh.split("x")
-  flags = json.loads(sys.argv[3]) + [f"--config.mesh.data={d}", f"--config.mesh.model={m}", f"--config.mesh.fsdp={bool(fsdp)}".lower()]
+  d, m = mesh.split("x")
+  flags = json.loads(sys.argv[3]) + [f"--config.mesh.data={d}", f"--config.mesh.model={m}"]
   cfg, _ = cli.parse_args(cli.make_parser("mesh runs"), flags)
   summary = trainer.run(cfg, f"{sys.argv[1]}/{mesh}")
   out[mesh] = [json.loads(line)["loss"] for line in open(summary["metrics"])]

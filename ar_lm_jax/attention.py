@@ -29,10 +29,15 @@ def xla_attention(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT):
 
 
 def cudnn_attention(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT):
-  """`jax.nn.dot_product_attention` (cuDNN on GPU); the segment mask is passed explicitly."""
-  mask_B1TS = segment_causal_mask(segment_ids_BT)[:, None]
+  """`jax.nn.dot_product_attention` (cuDNN on GPU, bf16/fp16 only; XLA elsewhere).
+
+  cuDNN's fused kernel takes no segment ids, so the same-document mask goes in
+  as an explicit [B, 1, T, S] mask (jax turns it into an additive bias), while
+  `is_causal` lets cuDNN skip the blocks above the diagonal.
+  """
+  same_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
   impl = "cudnn" if jax.default_backend() == "gpu" else None
-  return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, mask=mask_B1TS, implementation=impl)
+  return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, mask=same_B1TS, is_causal=True, implementation=impl)
 
 
 _IMPLS = {"xla": xla_attention, "cudnn": cudnn_attention}
@@ -40,6 +45,6 @@ _IMPLS = {"xla": xla_attention, "cudnn": cudnn_attention}
 
 def attend(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, impl: str = "xla"):
   if impl == "pallas":
-    from ar_lm_jax import flash_attention  # GPU-only; imported lazily so CPU runs never need Pallas
+    from ar_lm_jax import flash_attention  # a GPU kernel; imported lazily so CPU runs never load Pallas/Triton
     return flash_attention.attention(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT)
   return _IMPLS[impl](q_BTNH, k_BTNH, v_BTNH, segment_ids_BT)

@@ -231,7 +231,7 @@ class CheckpointConfig:
   keep_every: int = 0  # additionally keep every step that is a multiple of this forever (0: none)
   async_save: bool = True  # write in the background so the train loop does not wait for disk
   stop_check_every: int = 10  # steps between the processes' agreement on a SIGTERM/SIGINT stop (multi-process runs; one process checks every step)
-  init_from: Optional[str] = None  # weights for a fresh run (step 0, new optimizer): a Hugging Face StableLm dir or one of our workdirs/checkpoints (latest step); a checkpoint in the run's own workdir wins
+  init_from: Optional[str] = None  # fresh-run weights: an HF StableLm dir or one of our workdirs (latest step); a resume wins
 
   def __post_init__(self):
     _check(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")

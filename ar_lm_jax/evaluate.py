@@ -221,7 +221,7 @@ def heldout_texts(cfg: Config, max_docs: int) -> dict[str, list[str]]:
   tok = load_tokenizer(cfg.data.tokenizer_path)
   texts: dict[str, list[str]] = {}
   for i, src in enumerate(cfg.data.eval_sources):
-    resolved = data_sources.resolve_source(src, i, tok)
+    resolved = data_sources.resolve_source(src, i, tok, label=f"data.eval_sources[{i}] (lang={src.lang}, path={src.path!r})")
     if resolved.format == "arrayrecord":
       raise ConfigError(f"data.eval_sources[{i}]: evaluation reads text (jsonl, parquet, text), not pre-tokenized ArrayRecord")
     have = texts.setdefault(src.lang, [])

@@ -38,7 +38,7 @@ class TorchBaseline:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     hf_cfg = transformers.StableLmConfig(**{k: v for k, v in hf_config_dict(cfg.model).items()
-                                            if k not in ("architectures", "model_type")})
+                                            if k not in ("architectures", "model_type", "torch_dtype")})
     hf_cfg._attn_implementation = "sdpa"
     self.model = transformers.StableLmForCausalLM(hf_cfg).train()
     o = cfg.optim

@@ -64,6 +64,13 @@ def test_dry_run_without_compiling_allocates_nothing():
   assert report["opt_state_bytes_per_device"] == 2 * 4 * report["params"] + 8  # moments + two int32 counters
 
 
+def test_gpu_only_attention_reports_why_there_is_no_memory_analysis():
+  cfg = apply_overrides(load_config("tiny", CONFIGS_DIR), {"mesh.data": "1", "model.attention": "pallas"})
+  report = dry_run.dry_run(cfg)
+  assert "memory" not in report and report["memory_unavailable"] == "model.attention=pallas compiles only on GPU, not cpu"
+  assert report["params"] == 12_946_432  # the shapes-only part still runs
+
+
 @pytest.mark.parametrize("devices,flags,message", [
     (1, ["--config.mesh.data=3"], "mesh: data=3 x model=1 = 3 does not match the 1 devices"),
     (3, ["--config.mesh.data=1", "--config.mesh.model=3", "--dry_run"], "mesh.model: 3 does not divide model.num_heads=4"),

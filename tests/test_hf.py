@@ -193,16 +193,18 @@ def test_export_logits_match_ours_document_by_document(bilingual, tmp_path, scan
 
 
 def test_config_json_round_trips_every_field(tmp_path):
-  from transformers import AutoConfig
+  from transformers import AutoConfig, StableLmConfig
   cfg = dataclasses.replace(BILINGUAL, rope_theta=5e4, partial_rotary_factor=0.5, layer_norm_eps=1e-6)
   hf_io.save_hf_model(random_params(cfg, 3), cfg, tmp_path)
+  written = json.loads((tmp_path / "config.json").read_text())
+  assert set(StableLmConfig.__annotations__) <= set(written)  # every StableLm field explicit, none left to defaults
   loaded = AutoConfig.from_pretrained(tmp_path)
   assert (loaded.model_type, loaded.architectures) == ("stablelm", ["StableLmForCausalLM"])
   assert loaded.rope_parameters["rope_theta"] == 5e4 and loaded.rope_parameters["partial_rotary_factor"] == 0.5
   assert (loaded.layer_norm_eps, loaded.use_qkv_bias, loaded.num_key_value_heads) == (1e-6, True, cfg.num_heads)
   assert loaded.pad_token_id is None  # as padding_idx it would freeze the EOS embedding row in a PyTorch fine-tune
   assert hf.model_config_from_hf(loaded.to_dict(), cfg) == cfg  # transformers' own re-serialization reads back
-  assert hf.model_config_from_hf(json.loads((tmp_path / "config.json").read_text()), cfg) == cfg
+  assert hf.model_config_from_hf(written, cfg) == cfg
 
 
 def test_bf16_export_within_bf16_tolerance(bilingual, tmp_path):
@@ -262,6 +264,23 @@ def test_exported_model_generates_our_greedy_continuation(bilingual, tmp_path):
     logits = apply({"params": params}, tokens, segments, np.arange(T, dtype=np.int32)[None])
     seq.append(int(np.argmax(np.asarray(logits[0, n - 1]))))
   assert out == seq
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_init_from_our_checkpoint_in_either_layout(tmp_path, scan_layers):
+  """`checkpoint.init_from` also takes one of our checkpoints: its params only, re-laid-out if the run unrolls."""
+  params = random_params(SMALL, 0)
+  ckpt = Checkpointer(tmp_path / "run" / "checkpoints", Config(model=SMALL, data=dataclasses.replace(DataConfig(), seq_len=64)))
+  ckpt.save(3, {"step": np.int32(3), "params": params, "opt_state": {"mu": params}}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  target = dataclasses.replace(SMALL, scan_layers=scan_layers)
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shardings = jax.tree.map(lambda _: one_device, nn.meta.unbox(abstract_params(target)))
+  got = hf_io.init_params(tmp_path / "run", target, shardings)
+  want = hf.hf_to_params(dict(hf.params_to_hf(params, SMALL, True)).__getitem__, target, scan_layers)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, want)
 
 
 # ---------------------------------------------------------------------------

@@ -210,7 +210,7 @@ class TrainConfig:
   log_every: int = 10  # write a metrics.jsonl line every N steps
   eval_every: int = 0  # evaluate on data.eval_sources every N steps; 0 disables
   eval_max_docs: int = 64  # documents per language scored by the in-training evaluation
-  loss_chunk_size: int = 0  # tokens per chunk of the LM-head + cross-entropy (0: unchunked); bounds fp32 logits memory
+  loss_chunk_size: int = 0  # sequence positions per chunk of the LM head + cross-entropy (0: unchunked); bounds fp32 logits memory
   max_bad_steps: int = 10  # consecutive non-finite steps after which the run stops
   stop_after: int = 0  # stop (and checkpoint) at this step without changing the schedule train.steps sets, e.g. to fit a job's time limit; 0: run to train.steps
   progress: bool = True  # show a console progress bar
@@ -257,6 +257,9 @@ class Config:
            f"{self.data.seq_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
     _check(self.data.batch_size % self.optim.grad_accum_steps == 0, "optim.grad_accum_steps",
            f"{self.optim.grad_accum_steps} does not divide data.batch_size={self.data.batch_size}")
+    chunk = self.train.loss_chunk_size
+    _check(chunk == 0 or chunk >= self.data.seq_len or self.data.seq_len % chunk == 0, "train.loss_chunk_size",
+           f"{chunk} does not divide data.seq_len={self.data.seq_len}")
 
   def replace(self, **sections) -> "Config":
     return dataclasses.replace(self, **sections)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 import statistics
 import time
 from typing import Any, Callable, Optional
@@ -152,6 +153,11 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0, me
   return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
 
+def _cpu_seconds() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
 def memory_summary(compiled) -> dict[str, int]:
   """The compiled step's memory_analysis() as plain ints (bytes); empty where the backend gives none."""
   try:
@@ -212,12 +218,13 @@ def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool 
     jax.block_until_ready(state)
     if baseline is not None:
       baseline.step()
-  ours, theirs, rates = [], [], []
+  ours, ours_cpu, theirs, rates = [], [], [], []
   for i in range(steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu_seconds()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
     ours.append(time.perf_counter() - t)
+    ours_cpu.append(_cpu_seconds() - c)
     if probe is not None:
       rates.append(probe(3))
     if baseline is not None:
@@ -239,6 +246,7 @@ def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool 
       "tokens_per_sec": tokens_per_sec,
       "step_time_s": step_time,
       "step_time_min_s": min(ours),
+      "step_cpu_s": statistics.median(ours_cpu),  # CPU seconds of all threads: steadier than wall time on a shared host
       "compile_s": compile_s,
       "model_flops_per_token": flops_per_token,
       "peak_flops": peak,

@@ -19,6 +19,8 @@ def main() -> int:
   p.add_argument("--torch_adamw", default="default", choices=["default", "foreach", "fused"],
                  help="torch AdamW implementation (default: torch's own choice on this device)")
   cfg, args = cli.parse_args(p)
+  if args.steps < 1 or args.warmup < 0:
+    raise cli.UsageError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
 
   from ar_lm_jax import perf  # jax starts only after the flags parsed, and after the GPU flags are set
   perf.apply_gpu_xla_flags()

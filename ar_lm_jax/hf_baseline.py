@@ -13,7 +13,6 @@ per-document mask: the same FLOPs as ours, on torch's fastest CPU attention path
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import numpy as np
 
@@ -74,8 +73,3 @@ def hf_labels(tokens_BT: np.ndarray, segment_ids_BT: np.ndarray) -> np.ndarray:
   scored_next = (seg[:, :-1] != 0) & (seg[:, 1:] == seg[:, :-1])
   labels[:, 1:] = np.where(scored_next, tokens_BT[:, 1:], -100)
   return labels
-
-
-def torch_threads() -> Optional[int]:
-  import torch
-  return torch.get_num_threads()

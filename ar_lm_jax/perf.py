@@ -187,6 +187,8 @@ def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool 
     raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
   if jax.process_count() > 1:
     raise ConfigError("the benchmark runs in a single process")
+  if compare_torch and cfg.model.dtype != "float32":
+    raise ConfigError("--compare_torch: the torch baseline runs fp32 only; set model.dtype=float32")
   setup = train_lib.build(cfg)
   platform = jax.devices()[0].platform
   B, T = cfg.data.batch_size, cfg.data.seq_len
@@ -209,7 +211,7 @@ def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool 
   baseline = None
   if compare_torch:
     from ar_lm_jax.hf_baseline import TorchBaseline
-    threads = os.cpu_count() if platform == "cpu" else 1
+    threads = len(os.sched_getaffinity(0)) if platform == "cpu" else 1  # the cores XLA:CPU's thread pool uses
     baseline = TorchBaseline(cfg, batch_np, threads=threads, adamw=torch_adamw, seed=cfg.train.seed)
     say(f"torch baseline: transformers StableLmForCausalLM + torch.optim.AdamW ({torch_adamw}), {threads} threads")
 
@@ -259,3 +261,82 @@ def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool 
     result.update({"torch_tokens_per_sec": B * T / torch_step, "torch_step_time_s": torch_step,
                    "torch_adamw": torch_adamw, "speedup": torch_step / step_time})
   return result
+
+
+# ---------------------------------------------------------------------------
+# Where the time goes.
+
+
+def _thunk_ops(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> the JAX op path in its metadata, from a compiled module's text."""
+  ops = {}
+  for line in hlo_text.splitlines():
+    line = line.strip()
+    if line.startswith("ROOT "):
+      line = line[5:]
+    if not line.startswith("%") or "op_name=\"" not in line:
+      continue
+    name = line[1:line.index(" ")]
+    ops[name] = line.split("op_name=\"", 1)[1].split("\"", 1)[0]
+  return ops
+
+
+def step_part(op_path: str) -> str:
+  """A coarse part of the train step for a JAX op path."""
+  if any(eq in op_path for eq in ("btd,dv->btv", "bcv,dv->bcd", "bcd,bcv->dv")) or (
+      "while/body/closed_call" in op_path and "layers" not in op_path):
+    return "LM head + cross-entropy"
+  if "embed_tokens" in op_path:
+    return "embedding"
+  if "layers" in op_path:
+    return "decoder blocks"
+  if "jvp(" in op_path or "transpose(" in op_path:
+    return "other forward/backward"
+  return "optimizer, clipping, state update"
+
+
+def profile_step(cfg: Config, reps: int = 3) -> tuple[list[dict[str, Any]], float]:
+  """Per-op wall time of the compiled train step from a jax.profiler trace: (rows, mean step seconds).
+
+  Rows are sorted by total time: op (the XLA thunk), jax op path, part, ms per step, calls per step.
+  Thunks that XLA runs concurrently overlap, so the ms can add up to more than the step.
+  """
+  import collections
+  import glob
+  import gzip
+  import json
+  import shutil
+  import tempfile
+
+  from ar_lm_jax import sharding
+  from ar_lm_jax import train as train_lib
+
+  setup = train_lib.build(cfg)
+  with setup.activate():
+    compiled = train_lib.jit_train_step(setup).lower(setup.abstract_state, train_lib.abstract_batch(cfg)).compile()
+  ops = _thunk_ops(compiled.as_text())
+  state = train_lib.init_state(setup, cfg.train.seed)
+  batch = sharding.global_batch(synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, min(cfg.model.vocab_size, 100289)),
+                                setup.mesh)
+  state, _ = compiled(state, batch)
+  jax.block_until_ready(state)
+  tmp = tempfile.mkdtemp()
+  try:
+    t = time.perf_counter()
+    with jax.profiler.trace(tmp):
+      for _ in range(reps):
+        state, _ = compiled(state, batch)
+        jax.block_until_ready(state)
+    step_s = (time.perf_counter() - t) / reps
+    traces = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
+    events = json.load(gzip.open(traces[0]))["traceEvents"] if traces else []
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  total, calls = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in ops:
+      total[e["name"]] += e["dur"]
+      calls[e["name"]] += 1
+  rows = [{"op": n, "jax_op": ops[n], "part": step_part(ops[n]), "ms": us / 1e3 / reps, "calls": calls[n] // reps}
+          for n, us in total.most_common()]
+  return rows, step_s

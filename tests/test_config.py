@@ -56,6 +56,8 @@ def test_impossible_combinations():
     apply_overrides(cfg, {"data.seq_len": "100000"})
   with pytest.raises(ConfigError, match="grad_accum_steps"):
     apply_overrides(cfg, {"optim.grad_accum_steps": "3"})
+  with pytest.raises(ConfigError, match="train.loss_chunk_size"):
+    apply_overrides(cfg, {"train.loss_chunk_size": "24"})
 
 
 def test_json_round_trip(tmp_path):

@@ -6,16 +6,18 @@ Both must give the unchunked loss and the unchunked gradients, and the chunked
 step must not hold the fp32 logits of the whole micro-batch.
 """
 
-import dataclasses
-import flax.linen as nn
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ar_lm_jax import loss as loss_lib
-from ar_lm_jax import train as train_lib
-from ar_lm_jax.config import REPO_ROOT, load_config
+from ar_lm_jax.config import REPO_ROOT
 
 B, T, D, V = 2, 16, 8, 50
 SEGMENTS = np.array([[1] * 5 + [2] * 9 + [0] * 2, [3] * 16], np.int32)
@@ -73,6 +75,21 @@ def test_chunked_equals_unchunked_value_and_grads(inputs, chunk, z_loss):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_fused_bf16_matches_unchunked_bf16(inputs):
+  """bf16 compute (fp32 softmax): both paths round the same logits and cotangents to bf16."""
+  hidden, head, targets, mask = inputs
+
+  def grads(chunk):
+    f = lambda h, w: loss_lib.nll_sums(h, w, targets, mask, "bfloat16", chunk, z_grad=False)[0]
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hidden.astype(jnp.bfloat16), head)
+
+  (want, want_g), (got, got_g) = grads(0), grads(4)
+  assert got_g[0].dtype == jnp.bfloat16 and got_g[1].dtype == jnp.float32
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  for g, w in zip(got_g, want_g):  # one bf16 rounding of the gradient apart at most
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2 ** -7, atol=1e-6)
+
+
 def test_fused_path_scales_by_the_cotangent(inputs):
   """The custom VJP must use the incoming cotangent, not assume 1: grad of 3*s_nll is 3x grad of s_nll."""
   hidden, head, targets, mask = inputs
@@ -88,34 +105,42 @@ def test_chunk_must_divide_the_sequence(inputs):
     loss_lib.nll_sums(hidden, head, targets, mask, "float32", 5)
 
 
-def _tiny(**train):
-  cfg = load_config("tiny", REPO_ROOT / "experiments" / "configs")
-  return cfg.replace(train=dataclasses.replace(cfg.train, **train))
+SHARDED_STEP = textwrap.dedent("""
+    import dataclasses, numpy as np, jax
+    from ar_lm_jax import train as train_lib, sharding
+    from ar_lm_jax.config import REPO_ROOT, MeshConfig, load_config
+    base = load_config("tiny", REPO_ROOT / "experiments" / "configs")
+    base = base.replace(model=dataclasses.replace(base.model, vocab_size=512),
+                        data=dataclasses.replace(base.data, seq_len=32, batch_size=16),
+                        optim=dataclasses.replace(base.optim, grad_accum_steps=2),
+                        mesh=MeshConfig(data=4, model=2, fsdp=True))
+    rng = np.random.default_rng(0)
+    seg = np.repeat(np.arange(1, 5, dtype=np.int32), 8)[None].repeat(16, 0)
+    batch_np = {"tokens": rng.integers(0, 512, (16, 32)).astype(np.int32), "segment_ids": seg,
+                "positions": np.tile(np.arange(8, dtype=np.int32), 4)[None].repeat(16, 0)}
+    out = []
+    for chunk in (0, 8):
+      cfg = base.replace(train=dataclasses.replace(base.train, loss_chunk_size=chunk))
+      setup = train_lib.build(cfg)
+      params = train_lib.init_state(setup, 0)["params"]
+      fn = jax.jit(lambda p, b, cfg=cfg: train_lib.loss_and_grads(p, b, model=setup.model, cfg=cfg))
+      with setup.activate():
+        out.append(jax.device_get(fn(params, sharding.global_batch(batch_np, setup.mesh))))
+    (loss0, g0, _), (loss1, g1, _) = out
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    print("OK")
+""")
 
 
-def test_train_step_gradients_with_chunked_loss_and_accumulation():
-  """The fused loss inside the real step (value_and_grad with aux, micro-batch scan) matches the unchunked one."""
-  base = _tiny()
-  base = base.replace(model=dataclasses.replace(base.model, vocab_size=512),
-                      data=dataclasses.replace(base.data, seq_len=32, batch_size=4),
-                      optim=dataclasses.replace(base.optim, grad_accum_steps=2))
-  setup = train_lib.build(base)
-  params = jax.jit(lambda key: nn.meta.unbox(setup.model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]))(jax.random.key(0))
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 512, (4, 32)).astype(np.int32)
-  seg = np.repeat(np.arange(1, 5, dtype=np.int32), 8)[None].repeat(4, 0)
-  pos = np.tile(np.arange(8, dtype=np.int32), 4)[None].repeat(4, 0)
-  batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg), "positions": jnp.asarray(pos)}
-  results = []
-  for chunk in (0, 8):
-    cfg = base.replace(train=dataclasses.replace(base.train, loss_chunk_size=chunk))
-    fn = jax.jit(lambda p, b, cfg=cfg: train_lib.loss_and_grads(p, b, model=setup.model, cfg=cfg))
-    with setup.activate():
-      results.append(fn(params, batch))
-  (loss0, g0, n0), (loss1, g1, n1) = results
-  np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-6)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+def test_train_step_gradients_with_chunked_loss_sharded_and_accumulated():
+  """The fused loss inside the real step (value_and_grad with aux, micro-batch scan) on a data x model mesh
+  with FSDP matches the unchunked loss and gradients."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", SHARDED_STEP], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
 
 
 def test_chunked_loss_never_holds_the_full_fp32_logits():

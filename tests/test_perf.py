@@ -130,6 +130,18 @@ def test_synthetic_batch_is_packed_like_the_pipeline():
   assert seg.max() > 4  # several documents per row
 
 
+def test_torch_baseline_labels_score_the_positions_our_loss_scores():
+  from ar_lm_jax import loss as loss_lib
+  from ar_lm_jax.hf_baseline import hf_labels
+  tokens, seg, _ = (np.asarray(x) for x in _batch())
+  labels = hf_labels(tokens, seg)
+  targets, mask = (np.asarray(x) for x in loss_lib.targets_and_mask(jnp.asarray(tokens), jnp.asarray(seg)))
+  # HF predicts labels[t + 1] at position t (it shifts inside the model).
+  np.testing.assert_array_equal(labels[:, 1:] != -100, mask[:, :-1])
+  np.testing.assert_array_equal(labels[:, 1:][mask[:, :-1]], targets[:, :-1][mask[:, :-1]])
+  assert (labels[:, 0] == -100).all() and not mask[:, -1].any()
+
+
 def test_gpu_flags_are_known_to_this_xla_and_added_only_with_a_gpu(monkeypatch):
   env = {**os.environ, "XLA_FLAGS": " ".join(perf.GPU_XLA_FLAGS), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(int(jnp.ones(3).sum()))"],

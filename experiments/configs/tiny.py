@@ -19,6 +19,7 @@ def get_config() -> Config:
           phases=(PhaseConfig("linear_warmup", fraction=0.05, end_lr=3e-3),
                   PhaseConfig("cosine", fraction=0.95, end_lr=3e-4)),
       ),
-      train=TrainConfig(steps=200, log_every=10, eval_every=100),
+      # Chunked cross-entropy: half the step time of unchunked autodiff on CPU (benchmarks/RESULTS.md).
+      train=TrainConfig(steps=200, log_every=10, eval_every=100, loss_chunk_size=16),
       checkpoint=CheckpointConfig(every_steps=100, keep=2),
   )

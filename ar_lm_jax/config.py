@@ -260,9 +260,6 @@ class Config:
            f"{chunk} does not divide data.seq_len={self.data.seq_len}")
     _check(self.data.batch_size % self.optim.grad_accum_steps == 0, "optim.grad_accum_steps",
            f"{self.optim.grad_accum_steps} does not divide data.batch_size={self.data.batch_size}")
-    chunk = self.train.loss_chunk_size
-    _check(chunk == 0 or chunk >= self.data.seq_len or self.data.seq_len % chunk == 0, "train.loss_chunk_size",
-           f"{chunk} does not divide data.seq_len={self.data.seq_len}")
 
   def replace(self, **sections) -> "Config":
     return dataclasses.replace(self, **sections)

@@ -94,10 +94,19 @@ def test_fractions_resolve_against_train_steps_and_fit():
   assert optim.phase_boundaries(mixed, 1000) == [("linear_warmup", 0, 19), ("constant", 19, 120), ("cosine", 120, 620)]
 
 
-def test_phases_longer_than_the_run_are_a_config_error():
-  with pytest.raises(ConfigError, match=r"optim\.phases.*train\.steps=700"):
-    optim.build_schedule(ALL_KINDS, 700)
-  optim.build_schedule(ALL_KINDS, 750)  # exactly filling the run is fine
+def test_a_run_shorter_than_its_phases_follows_the_same_curve():
+  # Phases in steps do not depend on train.steps: a 700-step run is the first 700 steps of the 750-step one,
+  # so a run stopped at 700 and resumed with train.steps=750 sees one schedule.
+  short, full = optim.build_schedule(ALL_KINDS, 700), optim.build_schedule(ALL_KINDS, 750)
+  steps = jnp.arange(0, 701)
+  np.testing.assert_array_equal(np.asarray(short(steps)), np.asarray(full(steps)))
+
+
+def test_fractions_past_the_run_are_a_config_error():
+  too_much = OptimConfig(phases=(PhaseConfig("linear_warmup", fraction=0.6, end_lr=1.0),
+                                 PhaseConfig("cosine", fraction=0.6, end_lr=0.1)))
+  with pytest.raises(ConfigError, match=r"optim\.phases.*sum to 1\.2"):
+    optim.build_schedule(too_much, 100)
 
 
 @pytest.mark.parametrize("phases, match", [
@@ -338,7 +347,7 @@ def test_plot_schedule_applies_overrides(tmp_path, capsys):
     ["--config=no_such_config", "--out={out}"],
     ["--config={config}", "--out={out}", "--print_steps=0,ten"],
     ["--config={config}", "--out={out}", "--print_steps=-5"],
-    ["--config={config}", "--out={out}", "--config.train.steps=100"],  # phases no longer fit
+    ["--config={config}", "--out={out}", "--config.optim.phases=[{{\"kind\": \"cosine\", \"fraction\": 1.5}}]"],
     ["--config={config}"],  # --out missing
     ["--config={config}", "--out={out}", "--bogus=1"],
 ])

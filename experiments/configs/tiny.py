@@ -16,8 +16,10 @@ def get_config() -> Config:
       data=DataConfig(seq_len=128, batch_size=8, prefetch=2),
       optim=OptimConfig(
           init_lr=0.0,
-          phases=(PhaseConfig("linear_warmup", fraction=0.05, end_lr=3e-3),
-                  PhaseConfig("cosine", fraction=0.95, end_lr=3e-4)),
+          # In steps, not fractions of train.steps: a shorter run (--config.train.steps=10) follows the
+          # same curve, so it can be resumed to 200 with the same losses as one uninterrupted run.
+          phases=(PhaseConfig("linear_warmup", steps=10, end_lr=3e-3),
+                  PhaseConfig("cosine", steps=190, end_lr=3e-4)),
       ),
       # Chunked cross-entropy: half the step time of unchunked autodiff on CPU (benchmarks/RESULTS.md).
       train=TrainConfig(steps=200, log_every=10, eval_every=100, loss_chunk_size=16),

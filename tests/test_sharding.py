@@ -32,7 +32,10 @@ RECIPE_PARAMS = 1_644_515_328
 # 5 steps of `tiny`, on rows of 32 tokens instead of 128 to fit the test budget (the per-step cost is
 # the 100352-wide LM head; the layouts and collectives are the same). Eval is off: it is not under test.
 TINY_5_STEPS = ["--config.train.steps=5", "--config.train.log_every=1", "--config.train.eval_every=0",
-                "--config.train.progress=false", "--config.data.seq_len=32"]
+                "--config.train.progress=false", "--config.data.seq_len=32",
+                # tiny warms up over 10 steps; a 1-step warmup makes 5 steps move the loss clearly
+                '--config.optim.phases=[{"kind": "linear_warmup", "steps": 1, "end_lr": 0.003},'
+                ' {"kind": "cosine", "steps": 4, "end_lr": 0.0003}]']
 
 
 def tiny(**sections):

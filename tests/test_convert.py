@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from hf_testing import one_torch_thread  # noqa: F401 (autouse fixture)
 import torch
 
 from ar_lm_jax import checkpoint as checkpoint_lib
@@ -34,15 +35,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 SAMPLE = Path(__file__).parents[1] / "data" / "sample"
 EDGE_CASES = ["2024 1234567890", "  spaces   and\ttabs\n\n\nnewlines\r\n", "<|endoftext|>x<|im_start|>",
               "بِسْمِ اللَّهِ الرَّحْمَٰنِ", "العـــــربية", "emoji 😀👍🏽 👩‍👩‍👧", "cafe\u0301"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-  """torch's intra-op threads spin against XLA's on a 2-core machine (6x slower forwards); these models are tiny."""
-  before = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(before)
 
 
 def run_tool(tool, argv) -> int:

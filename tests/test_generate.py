@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_testing import random_stablelm
 import torch
 
 from ar_lm_jax import cli, hf
@@ -29,15 +30,7 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def hf_model():
-  from transformers import StableLmConfig, StableLmForCausalLM
-  fields = {k: v for k, v in hf.hf_config_dict(MODEL).items() if k not in ("architectures", "model_type", "torch_dtype")}
-  torch.manual_seed(0)
-  model = StableLmForCausalLM(StableLmConfig(**fields)).eval()
-  with torch.no_grad():  # HF inits biases and norms to 0/1; perturb every tensor so each one matters
-    for p in model.parameters():
-      p.add_(torch.randn_like(p) * 0.05)
-  state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-  return model, state
+  return random_stablelm(MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_testing import one_torch_thread  # noqa: F401 (autouse fixture)
 import torch
 
 from ar_lm_jax import checkpoint as checkpoint_lib
@@ -68,15 +69,6 @@ def safetensors_dir_tensors(d: Path) -> dict[str, torch.Tensor]:
   for f in sorted(d.glob("*.safetensors")):
     out.update(load_file(f))
   return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-  """torch's intra-op threads spin against XLA's on a 2-core machine (6x slower forwards); these models are tiny."""
-  before = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(before)
 
 
 def run_tool(tool, argv, capsys) -> tuple[int, str]:

@@ -76,7 +76,12 @@ def test_chunked_equals_unchunked_value_and_grads(inputs, chunk, z_loss):
 
 
 def test_fused_bf16_matches_unchunked_bf16(inputs):
-  """bf16 compute (fp32 softmax): both paths round the same logits and cotangents to bf16."""
+  """bf16 compute (fp32 logits and softmax): the same loss; gradients one bf16 rounding apart.
+
+  Unchunked autodiff multiplies the fp32 softmax gradient into an upcast head, the fused path rounds it to
+  bf16 first (a bf16 matmul operand), so elementwise the two differ where terms cancel; both are checked
+  against float64 in test_bf16_compute_gives_fp32_logits.
+  """
   hidden, head, targets, mask = inputs
 
   def grads(chunk):
@@ -86,8 +91,9 @@ def test_fused_bf16_matches_unchunked_bf16(inputs):
   (want, want_g), (got, got_g) = grads(0), grads(4)
   assert got_g[0].dtype == jnp.bfloat16 and got_g[1].dtype == jnp.float32
   np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
-  for g, w in zip(got_g, want_g):  # one bf16 rounding of the gradient apart at most
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2 ** -7, atol=1e-6)
+  for g, w in zip(got_g, want_g):  # one bf16 rounding of the softmax gradient apart, norm-wise
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    assert np.linalg.norm(g - w) <= 2 ** -8 * np.linalg.norm(w)
 
 
 def test_fused_path_scales_by_the_cotangent(inputs):

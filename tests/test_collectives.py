@@ -58,6 +58,8 @@ HLO = textwrap.dedent("""\
       %w.2 = (s32[], f32[256,4]{1,0}) while(%tup), condition=%cond, body=%body, metadata={op_name="jit(f)/layers/while"}, backend_config={"known_trip_count":{"n":"3"}}
       %as = ((f32[256,4]{1,0}), f32[128,4]{1,0}) async-start(%x.1), calls=%rs_comp
       %ad = f32[128,4]{1,0} async-done(%as), calls=%rs_comp
+      %rss = ((f32[256,4]{1,0}), f32[128,4]{1,0}) reduce-scatter-start(%x.1), calls=%rs_comp, dimensions={0}
+      %rsd = f32[128,4]{1,0} reduce-scatter-done(%rss)
       %cp = (f32[256,4]{1,0}, s32[]) collective-permute(%x.1, %c0), channel_id=3, source_target_pairs={{0,1},{1,0}}
       ROOT %out = f32[256,4]{1,0} get-tuple-element(%w), index=1
     }
@@ -69,8 +71,9 @@ def test_report_of_a_hand_written_module():
   f32_buf = 256 * 4 * 4
   # The all-reduce runs 7 times in the first loop (bound read from its condition) and 3 in the second
   # (known_trip_count); the async all-gather counts its operand once (bf16 8x16), the async reduce-scatter
-  # once through its wrapped computation, the permute its two operands.
-  assert r.bytes_per_device == {"all-reduce": 10 * f32_buf, "reduce-scatter": f32_buf, "all-gather": 8 * 16 * 2,
+  # once through its wrapped computation, and once as a `-start` naming that computation; the permute counts
+  # its two operands.
+  assert r.bytes_per_device == {"all-reduce": 10 * f32_buf, "reduce-scatter": 2 * f32_buf, "all-gather": 8 * 16 * 2,
                                 "all-to-all": 0, "collective-permute": f32_buf + 4}
   assert sorted((c.loops, c.trips) for c in r.in_loops) == [(("jit(f)/chunked_loss/while",), 7),
                                                             (("jit(f)/layers/while",), 3)]

@@ -92,16 +92,17 @@ STEP_REPORT = textwrap.dedent("""
     from ar_lm_jax.model import param_count
     base = load_config("tiny", REPO_ROOT / "experiments" / "configs")
     out = {}
-    for chunk in (16, 0):
+    for name, chunk, z_loss in (("fused", 16, 0.0), ("recompute", 16, 1e-4), ("unchunked", 0, 0.0)):
       cfg = base.replace(model=dataclasses.replace(base.model, vocab_size=2048, dtype="bfloat16", remat="save_attn_mlp_out"),
                          data=dataclasses.replace(base.data, seq_len=64, batch_size=16),
+                         optim=dataclasses.replace(base.optim, z_loss=z_loss),
                          train=dataclasses.replace(base.train, loss_chunk_size=chunk),
                          mesh=MeshConfig(data=8, model=1, shard_optimizer_over_data=True))
       setup = train_lib.build(cfg)
       with setup.activate():
         compiled = train_lib.jit_train_step(setup).lower(setup.abstract_state, train_lib.abstract_batch(cfg)).compile()
       r = collectives.collective_report(compiled)
-      out[chunk] = {"bytes": r.bytes_per_device, "in_chunk_loop": [c.op_name for c in r.inside(loss.LOOP_SCOPE)],
+      out[name] = {"bytes": r.bytes_per_device, "in_chunk_loop": [c.op_name for c in r.inside(loss.LOOP_SCOPE)],
                     "grad_bytes": 4 * param_count(setup.abstract_state["params"]), "unknown": r.unknown_trip_counts}
     print(json.dumps(out))
 """)
@@ -116,9 +117,10 @@ def step_reports():
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("chunk", ["16", "0"], ids=["chunked", "unchunked"])
-def test_train_step_reduces_gradients_once(step_reports, chunk):
-  r = step_reports[chunk]
+@pytest.mark.parametrize("path", ["fused", "recompute", "unchunked"])
+def test_train_step_reduces_gradients_once(step_reports, path):
+  """Chunked loss without z-loss (fused), with it (recompute), and unchunked."""
+  r = step_reports[path]
   reduction = r["bytes"]["all-reduce"] + r["bytes"]["reduce-scatter"]
   assert reduction <= 1.05 * r["grad_bytes"], f"{reduction} bytes reduced for {r['grad_bytes']} bytes of fp32 gradients"
   assert r["in_chunk_loop"] == [], "collectives inside the chunked-loss loop"

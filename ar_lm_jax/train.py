@@ -145,9 +145,10 @@ def train_step(state: State, batch: dict, *, model: StableLM, tx: optax.Gradient
   all the same (skipped steps included), the one logged.
 
   ZeRO-1 (`grad_shardings`: the moments' layout): the gradients are reduced
-  straight onto the moment shards (a reduce-scatter instead of an all-reduce),
-  the global norm and the AdamW update are computed on the shards, and only the
-  new parameters are all-gathered, once per leaf as soon as its update is done.
+  onto the moment shards (the compiler's reduction is followed by a slice to the
+  shard, which XLA:GPU rewrites into a reduce-scatter where the slice follows it
+  directly), the global norm and the AdamW update are computed on the shards, and
+  only the new parameters are all-gathered, once per leaf after its update.
   """
   params = state["params"]
   loss, grads, n_tokens = loss_and_grads(params, batch, model=model, cfg=cfg)

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import jax
 
-from ar_lm_jax import sharding, tpu_topology
+from ar_lm_jax import collectives, sharding, tpu_topology
 from ar_lm_jax import train as train_lib
 from ar_lm_jax.config import Config
 from ar_lm_jax.model import param_count
@@ -82,7 +82,9 @@ def compile_train_step(setup: train_lib.Setup) -> tuple[Any, Optional[dict[str, 
 
 def compiled_memory(setup: train_lib.Setup) -> tuple[Optional[dict[str, Any]], str]:
   """XLA's per-device memory analysis of the compiled train step, or (None, why not)."""
-  _, mem, why = compile_train_step(setup)
+  compiled, mem, why = compile_train_step(setup)
+  if mem is not None:
+    mem["collectives"] = collectives.collective_report(compiled)  # moved to the report's top level by dry_run
   return mem, why
 
 
@@ -96,9 +98,11 @@ def dry_run(cfg: Config, *, memory_analysis: bool = True, target: Optional[str] 
 
   Returns a JSON-able report with at least `params`, `mesh` (axis -> size),
   `param_bytes_per_device` and `opt_state_bytes_per_device`; with `memory_analysis`,
-  also `memory` (XLA's numbers for the compiled train step, per device) or
-  `memory_unavailable` (why not). With `target` (a Cloud TPU slice name), the steps
-  are compiled for that slice and the report has the fields of `target_report`.
+  also `memory` (XLA's numbers for the compiled train step, per device) and
+  `collective_bytes_per_device` ({op: operand bytes per device per step}, from the
+  compiled HLO: `collectives.py`), or `memory_unavailable` (why not). With `target`
+  (a Cloud TPU slice name), the steps are compiled for that slice and the report has
+  the fields of `target_report`.
   """
   tpu = tpu_topology.lookup(target) if target else None
   setup = train_lib.build(cfg, tpu_topology.devices(tpu) if tpu else None)
@@ -150,7 +154,10 @@ def dry_run(cfg: Config, *, memory_analysis: bool = True, target: Optional[str] 
       report["memory_unavailable"] = why
       _say(f"compiled memory analysis unavailable: {why}")
     else:
+      coll = mem.pop("collectives")
+      report["collective_bytes_per_device"] = coll.bytes_per_device
       report["memory"] = mem
+      _say(coll.summary())
       _say(f"train step compiled in {mem['compile_s']:.1f}s; per device: arguments {_gb(mem['argument'])}, "
            f"outputs {_gb(mem['output'])} ({_gb(mem['alias'])} of them donated), temporaries {_gb(mem['temp'])}, "
            f"peak about {_gb(mem['peak_estimate'])}")
@@ -184,12 +191,6 @@ def compile_eval_step(setup: train_lib.Setup) -> tuple[Optional[dict[str, Any]],
     return oom, "" if oom else f"compilation failed: {str(e).splitlines()[0]}"
   mem = _memory(scorer._compiled, time.perf_counter() - t0)
   return mem, "" if mem else "the compiler gives no memory analysis"
-
-
-def collective_bytes_per_device(compiled) -> Optional[int]:
-  """Hook for the collective report (ar_lm_jax/collectives.py, from the H100 issue); None until that module is here."""
-  del compiled
-  return None
 
 
 def mosaic_kernels(compiled) -> int:
@@ -235,7 +236,11 @@ def target_report(setup: train_lib.Setup, tpu: tpu_topology.TpuSlice) -> dict[st
   report["eval_peak_bytes_per_device"] = eval_mem["peak_estimate"] if eval_mem else None
   report["fits"] = bool(mem and eval_mem) and all(p <= hbm for p in peaks) and not any(
       m.get("out_of_memory") for m in (mem, eval_mem))
-  report["collective_bytes_per_device"] = collective_bytes_per_device(compiled) if compiled is not None else None
+  report["collective_bytes_per_device"] = None
+  if compiled is not None:
+    coll = collectives.collective_report(compiled)
+    report["collective_bytes_per_device"] = coll.bytes_per_device
+    _say(coll.summary())
   kernels = mosaic_kernels(compiled) if compiled is not None else None
   report["attention"] = cfg.model.attention
   report["mosaic_kernels_in_train_step"] = kernels

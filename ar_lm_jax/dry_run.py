@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import jax
 
+from ar_lm_jax import attention as attention_lib
 from ar_lm_jax import sharding
 from ar_lm_jax import train as train_lib
 from ar_lm_jax.config import Config
@@ -41,8 +42,9 @@ def compiled_memory(setup: train_lib.Setup) -> tuple[Optional[dict[str, Any]], s
   """XLA's per-device memory analysis of the compiled train step, or (None, why not)."""
   cfg = setup.cfg
   platform = setup.mesh.devices.flat[0].platform
-  if cfg.model.attention == "pallas" and platform != "gpu":
-    return None, f"model.attention=pallas compiles only on GPU, not {platform}"
+  impl = attention_lib.resolve_attention(cfg.model, platform)
+  if attention_lib.KERNEL_PLATFORM.get(impl, platform) != platform:
+    return None, f"model.attention={impl} compiles only on {attention_lib.KERNEL_PLATFORM[impl].upper()}, not {platform}"
   step = train_lib.jit_train_step(setup)
   t0 = time.perf_counter()
   with setup.activate():
@@ -100,6 +102,8 @@ def dry_run(cfg: Config, *, memory_analysis: bool = True) -> dict[str, Any]:
       "grad_accum_steps": cfg.optim.grad_accum_steps,
       "sequences_per_data_replica": micro // mesh[sharding.DATA],
       "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
+      # The kernel the config selects where it will run: a CPU dry run stands in for a GPU launch.
+      "attention": attention_lib.resolve_attention(cfg.model, "tpu" if setup.mesh.devices.flat[0].platform == "tpu" else "gpu"),
   }
   layout = "ZeRO-1: optimizer state also over data" if cfg.mesh.shard_optimizer_over_data else "optimizer state replicated over data"
   if cfg.mesh.fsdp:

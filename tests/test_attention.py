@@ -285,7 +285,7 @@ def test_model_with_splash_equals_model_with_reference():
   tokens = jax.random.randint(jax.random.key(4), (B, T), 0, 256)
   seg = jnp.asarray(SEGMENTS)
   positions = jnp.asarray([[t - s for s, n in _runs(row) for t in range(s, s + n)] for row in SEGMENTS])
-  params = StableLM(cfg).init(jax.random.key(5), tokens, seg, positions)
+  params = jax.jit(StableLM(cfg).init)(jax.random.key(5), tokens, seg, positions)
   forward = lambda c: jax.jit(StableLM(c).apply)(params, tokens, seg, positions)  # jitted: interpret mode is slow eagerly
   want = forward(cfg)
   got = forward(dataclasses.replace(cfg, attention="splash", splash_block_q=128, splash_block_kv=128))

@@ -51,8 +51,7 @@ class ModelConfig:
   scan_layers: bool = True  # stack the blocks and run them with nn.scan (fast compile) instead of unrolled
   remat: str = "none"  # rematerialization policy by name: none, full, dots_saveable, dots_with_no_batch_dims_saveable, save_attn_mlp_out
   attention: str = "xla"  # attention kernel, one of ATTENTION_IMPLS: auto (the best for the platform, attention.resolve_attention), xla (reference), cudnn, pallas, splash
-  # cudnn: documents per row passed to cuDNN natively (the static M of its [B, M] lengths); a row with more uses pallas
-  max_segments_per_row: int = 64
+  max_segments_per_row: int = 64  # cudnn: documents per row cuDNN takes (the static M of its [B, M] lengths); a row with more uses pallas
   splash_block_q: int = 512  # splash (TPU): query rows per tile, forward and dq (shrunk to seq_len when longer)
   splash_block_kv: int = 512  # splash: key rows per tile, forward and dq
   splash_block_q_dkv: int = 512  # splash: query rows per tile of the dk/dv backward kernel
@@ -267,7 +266,7 @@ class Config:
   def __post_init__(self):
     _check(self.data.seq_len <= self.model.max_position_embeddings, "data.seq_len",
            f"{self.data.seq_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
-    if self.model.attention in ("splash", "auto"):  # auto is splash on a TPU
+    if self.model.attention == "splash":  # (auto, splash only on a TPU, is checked when the kernel is built)
       for k in ("splash_block_q", "splash_block_kv", "splash_block_q_dkv", "splash_block_kv_dkv"):
         block = min(getattr(self.model, k), self.data.seq_len)
         _check(self.data.seq_len % block == 0 and block % 128 == 0, f"model.{k}",

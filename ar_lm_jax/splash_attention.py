@@ -39,6 +39,9 @@ def _make_kernel(num_heads: int, T: int, blocks: tuple[int, int, int, int], inte
   tracing, and a cached kernel would carry one trace's values into another.
   """
   bq, bkv, bq_dkv, bkv_dkv = (min(b, T) for b in blocks)
+  if any(T % b or b % 128 for b in (bq, bkv, bq_dkv, bkv_dkv)):  # config.py checks this up front for an explicit splash
+    raise ValueError(f"splash attention: blocks {blocks} shrunk to T={T} must divide T and be multiples of 128 "
+                     "(model.splash_block_*, data.seq_len)")
   sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
                             block_q_dkv=bq_dkv, block_kv_dkv=bkv_dkv, block_kv_dkv_compute=bkv_dkv,
                             block_q_dq=bq, block_kv_dq=bkv)

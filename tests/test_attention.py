@@ -131,6 +131,24 @@ SHARDED = textwrap.dedent("""
         text, got = lowered.as_text(), lowered.compile()(q, k, v, seg)
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=name)
       assert "shard_map" in text or "sdy.manual_computation" in text, f"{name} did not run per shard"
+    # cuDNN, lowered for CUDA (see the single-device test for the stubbed checks): each device's custom call
+    # gets its own [B/data, T, N/model, H] shard and the lengths/offsets of its own rows.
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+    from jax.export import DisabledSafetyCheck
+    cudnn_fa.check_cudnn_version = lambda: 91000
+    cudnn_fa.check_compute_capability = lambda capability: True
+    cudnn_fa.is_cuda_compute_capability_equal = lambda capability: False
+    loss = lambda q, k, v, s: jnp.sum(attention.per_shard(
+        lambda q, k, v, s: attention._cudnn_kernel(q, k, v, s, max_segments=8))(q, k, v, s).astype(jnp.float32))
+    qkv = jax.ShapeDtypeStruct((4, 128, 4, 64), jnp.bfloat16)
+    checks = [DisabledSafetyCheck.custom_call(t) for t in ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__gpu$xla.gpu.triton")]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(MeshConfig(data=2, model=2))):
+      exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"], disabled_checks=checks)(
+          qkv, qkv, qkv, jax.ShapeDtypeStruct((4, 128), jnp.int32))
+    fwd = [l for l in exported.mlir_module().splitlines() if "custom_call @__cudnn$fmhaSoftmax(" in l]
+    assert len(fwd) == 1 and fwd[0].split("} : (")[1].startswith(
+        "tensor<2x128x2x64xbf16>, tensor<2x128x2x64xbf16>, tensor<2x128x2x64xbf16>, tensor<2x8xi32>, tensor<2x8xi32>, "
+        "tensor<2x9xi32>, tensor<2x9xi32>)"), fwd
     print("OK")
 """)
 

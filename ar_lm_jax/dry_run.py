@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import jax
 
+from ar_lm_jax import attention as attention_lib
 from ar_lm_jax import collectives, sharding, tpu_topology
 from ar_lm_jax import train as train_lib
 from ar_lm_jax.config import Config
@@ -65,8 +66,9 @@ def compile_train_step(setup: train_lib.Setup) -> tuple[Any, Optional[dict[str, 
   """(compiled step or None, XLA's per-device memory analysis or None, why not) for the train step."""
   cfg = setup.cfg
   platform = setup.mesh.devices.flat[0].platform
-  if cfg.model.attention == "pallas" and platform != "gpu":
-    return None, None, f"model.attention=pallas compiles only on GPU, not {platform}"
+  impl = attention_lib.resolve_attention(cfg.model, platform)
+  if attention_lib.KERNEL_PLATFORM.get(impl, platform) != platform:
+    return None, None, f"model.attention={impl} compiles only on {attention_lib.KERNEL_PLATFORM[impl].upper()}, not {platform}"
   step = train_lib.jit_train_step(setup)
   t0 = time.perf_counter()
   with setup.activate():
@@ -83,8 +85,9 @@ def compile_train_step(setup: train_lib.Setup) -> tuple[Any, Optional[dict[str, 
 def compiled_memory(setup: train_lib.Setup) -> tuple[Optional[dict[str, Any]], str]:
   """XLA's per-device memory analysis of the compiled train step, or (None, why not)."""
   compiled, mem, why = compile_train_step(setup)
-  if mem is not None:
-    mem["collectives"] = collectives.collective_report(compiled)  # moved to the report's top level by dry_run
+  if compiled is None:
+    return None, why or f"the compiler ran out of device memory: the step needs {_gb(mem['peak_estimate'])}"
+  mem["collectives"] = collectives.collective_report(compiled)  # moved to the report's top level by dry_run
   return mem, why
 
 
@@ -130,6 +133,8 @@ def dry_run(cfg: Config, *, memory_analysis: bool = True, target: Optional[str] 
       "grad_accum_steps": cfg.optim.grad_accum_steps,
       "sequences_per_data_replica": micro // mesh[sharding.DATA],
       "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
+      # The kernel the config selects where it will run: a CPU dry run stands in for a GPU launch.
+      "attention": attention_lib.resolve_attention(cfg.model, "tpu" if setup.mesh.devices.flat[0].platform == "tpu" else "gpu"),
   }
   layout = "ZeRO-1: optimizer state also over data" if cfg.mesh.shard_optimizer_over_data else "optimizer state replicated over data"
   if cfg.mesh.fsdp:
@@ -242,10 +247,11 @@ def target_report(setup: train_lib.Setup, tpu: tpu_topology.TpuSlice) -> dict[st
     report["collective_bytes_per_device"] = coll.bytes_per_device
     _say(coll.summary())
   kernels = mosaic_kernels(compiled) if compiled is not None else None
-  report["attention"] = cfg.model.attention
+  report["attention"] = attention_lib.resolve_attention(cfg.model, "tpu")
   report["mosaic_kernels_in_train_step"] = kernels
   if kernels is not None:
-    _say(f"attention: {cfg.model.attention}; {kernels} Pallas/Mosaic kernel call(s) in the compiled train step")
+    _say(f"attention: {report['attention']} (model.attention={cfg.model.attention}); {kernels} Pallas/Mosaic kernel "
+         f"call(s) in the compiled train step")
   _say(f"the train and eval steps {'fit' if report['fits'] else 'do NOT fit'} on {tpu.name}")
   return report
 

@@ -122,7 +122,7 @@ class SelfAttention(nn.Module):
     if self.has_variable("cache", "key"):  # only generate.py passes a KV cache; training never takes this branch
       out_BTNH = self._attend_cached(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT)
     else:
-      out_BTNH = attention_lib.attend(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, impl=cfg.attention)
+      out_BTNH = attention_lib.attend(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, cfg)
     out_BTNH = checkpoint_name(out_BTNH, "attn_out")
     return _Proj(cfg, (N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", name="o_proj")(out_BTNH)
 

@@ -114,12 +114,29 @@ def prepare_environment(s: TpuSlice) -> None:
   JAX itself stays on CPU (the slice's devices come from the topology, so a TPU VM's own
   chips are never opened, and a CPU host logs no failed TPU start-up). libtpu would ask the
   GCE metadata server for the local slice and log the failure when there is none; the local
-  slice is named here instead. Values already set win.
+  slice is named here instead. libtpu also takes a per-host lock file (/tmp/libtpu_lockfile)
+  that would fail a second dry run, or a dry run beside a training job, with ABORTED: a
+  compile-only client needs no exclusive chips. Values already set win.
   """
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", s.name)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
+# LIBTPU_INIT_ARGS for data-parallel / FSDP training (MaxText's set for v5e/v5p): overlap the gradient
+# all-reduce and the FSDP all-gathers with compute. docs/tpu.md says what each does; libtpu aborts on
+# an unknown flag, and tests/test_tpu_compile.py checks that these parse with the pinned libtpu.
+RECOMMENDED_LIBTPU_INIT_ARGS = (
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true",
+    "--xla_tpu_enable_async_collective_fusion=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+    "--xla_tpu_overlap_compute_collective_tc=true",
+    "--xla_enable_async_all_gather=true",
+)
 
 
 def devices(s: TpuSlice) -> list:

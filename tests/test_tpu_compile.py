@@ -52,6 +52,22 @@ def test_slice_table_matches_libtpu(name, slice_devices):
   assert perf.peak_flops_for_kind(s.chip.device_kind) == s.chip.peak_bf16_flops
 
 
+def test_recommended_libtpu_flags_parse_and_two_dry_runs_share_a_host():
+  """libtpu aborts on an unknown LIBTPU_INIT_ARGS flag; and a second libtpu process on one host would hit its lock file."""
+  code = ("from ar_lm_jax import tpu_topology as t; s = t.lookup('v5litepod-8'); t.prepare_environment(s);"
+          "print(t.compiler_hbm_bytes(t.devices(s)[0]))")
+  env = {**os.environ, "LIBTPU_INIT_ARGS": " ".join(tpu_topology.RECOMMENDED_LIBTPU_INIT_ARGS)}
+  first = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  second = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  out, err = first.communicate(timeout=300)
+  for proc_out, proc_err, rc in ((out, err, first.returncode), (second.stdout, second.stderr, second.returncode)):
+    assert rc == 0, proc_err[-3000:]
+    assert 15 * 2**30 < int(proc_out.strip()) < 16 * 2**30
+  bad = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "LIBTPU_INIT_ARGS": "--xla_tpu_no_such_flag=true"})
+  assert bad.returncode != 0 and "Unknown command line flag 'xla_tpu_no_such_flag'" in bad.stderr + bad.stdout
+
+
 def test_tiny_compiles_for_v5litepod_8_and_xla_counts_our_shards():
   code, out, err = dry_run("--config=tiny", "--target=v5litepod-8", "--config.mesh.data=-1")
   assert code == 0, err[-3000:]

@@ -122,28 +122,35 @@ RECIPE_ON_V5E_16 = ("--config=ar_stablelm_2_1_6b", "--target=v5litepod-16", "--c
 
 
 def test_recipe_batch_on_v5litepod_16_without_fsdp_does_not_fit():
-  """The card's 96 x 4096 batch on 16 v5e chips, parameters replicated: the case the dry run exists for."""
-  code, out, err = dry_run(*RECIPE_ON_V5E_16, "--config.mesh.fsdp=false")
+  """The card's 96 x 4096 batch on 16 v5e chips, parameters replicated: the case the dry run exists for.
+
+  With the reference attention both steps are refused within seconds; with splash (the recipe's
+  `auto` on TPU) the train step is refused too (18.5 GiB) but the eval step compiles, for minutes.
+  """
+  code, out, err = dry_run(*RECIPE_ON_V5E_16, "--config.mesh.fsdp=false", "--config.model.attention=xla")
   assert code == 1, err[-3000:]
-  assert err.strip().splitlines() == [f"does not fit: peak {json.loads(out.strip().splitlines()[-1])['peak_bytes_per_device'] / 2**30:.2f} "
-                                      "GiB > HBM 15.75 GiB per chip on v5litepod-16"]
   report = json.loads(out.strip().splitlines()[-1])
+  assert err.strip().splitlines() == [f"does not fit: peak {report['peak_bytes_per_device'] / 2**30:.2f} GiB > "
+                                      "HBM 15.75 GiB per chip on v5litepod-16"]
   assert report["mesh"] == {"data": 16, "model": 1} and report["fits"] is False
-  # fp32 parameters and their gradients alone are 13.2 GB on every chip, 83% of its HBM, before any activation.
-  assert 2 * report["param_bytes_per_device"] == 2 * 4 * 1_644_515_328
-  assert report["peak_bytes_per_device"] > 2 * report["param_bytes_per_device"] + 10 * 2**30
+  assert report["memory"]["out_of_memory"] and report["eval_memory"]["out_of_memory"]
+  # fp32 parameters and their gradients alone are 13.2 GB on every chip, 78% of its HBM, before any activation.
+  assert report["param_bytes_per_device"] == 4 * 1_644_515_328
+  assert 2 * report["param_bytes_per_device"] > 0.75 * report["hbm_bytes_per_device"]
+  assert report["peak_bytes_per_device"] > report["hbm_bytes_per_device"]
 
 
-@pytest.mark.skipif(not os.environ.get("AR_LM_SLOW_TESTS"), reason="compiles the eval step of the full recipe (~1 min)")
+@pytest.mark.skipif(not os.environ.get("AR_LM_SLOW_TESTS"), reason="compiles the full recipe with splash for 16 chips (minutes)")
 def test_fsdp_lowers_the_recipe_peak_on_v5litepod_16():
-  _, out, _ = dry_run(*RECIPE_ON_V5E_16, "--config.mesh.fsdp=false")
+  _, out, _ = dry_run(*RECIPE_ON_V5E_16, "--config.mesh.fsdp=false", timeout=1800)
   replicated = json.loads(out.strip().splitlines()[-1])
-  code, out, err = dry_run(*RECIPE_ON_V5E_16, "--config.mesh.fsdp=true")
+  code, out, err = dry_run(*RECIPE_ON_V5E_16, "--config.mesh.fsdp=true", timeout=1800)
   sharded = json.loads(out.strip().splitlines()[-1])
+  assert replicated["attention"] == sharded["attention"] == "splash"
   assert sharded["param_bytes_per_device"] * 16 == replicated["param_bytes_per_device"]
-  # Each chip sheds at least the 15/16 of the fp32 parameters it no longer holds (6.2 GB); with the
-  # reference attention's [B, N, T, T] scores the train step still does not fit (docs/tpu.md).
-  saved = replicated["peak_bytes_per_device"] - sharded["peak_bytes_per_device"]
-  assert saved > replicated["param_bytes_per_device"] * 15 / 16
-  assert code == 1 and sharded["fits"] is False
-  assert sharded["eval_peak_bytes_per_device"] < sharded["hbm_bytes_per_device"]  # the forward-only eval step fits
+  # libtpu 0.0.42: 18.50 GiB (refused) -> 16.17 GiB (1.15 GiB of arguments + 15.01 GiB of temporaries):
+  # lower, and still over a v5e chip's 15.75 GiB (docs/tpu.md).
+  assert sharded["peak_bytes_per_device"] < replicated["peak_bytes_per_device"]
+  assert code == 1 and sharded["fits"] is False and sharded["peak_bytes_per_device"] > sharded["hbm_bytes_per_device"]
+  for r in (replicated, sharded):  # the forward-only eval step fits either way
+    assert r["eval_peak_bytes_per_device"] < r["hbm_bytes_per_device"]

@@ -20,6 +20,7 @@ the compiler says a chip offers (docs/tpu.md).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Optional
 
@@ -108,6 +109,10 @@ def dry_run(cfg: Config, *, memory_analysis: bool = True, target: Optional[str] 
   the fields of `target_report`.
   """
   tpu = tpu_topology.lookup(target) if target else None
+  if tpu and cfg.model.attention == "auto" and attention_lib.resolve_attention(cfg.model, "tpu") == "splash":
+    # config.py checks splash's blocks against seq_len for an explicit splash only; `auto` becomes splash
+    # here, so run the same check now: a ConfigError (exit 2) instead of a ValueError deep in the trace.
+    cfg.replace(model=dataclasses.replace(cfg.model, attention="splash"))
   setup = train_lib.build(cfg, tpu_topology.devices(tpu) if tpu else None)
   abstract, shardings = setup.abstract_state, setup.state_shardings
   mesh = {str(k): int(v) for k, v in setup.mesh.shape.items()}

@@ -112,6 +112,13 @@ def test_a_step_that_does_not_fit_exits_1_with_one_line():
   assert f"peak {report['peak_bytes_per_device'] / 2**30:.2f} GiB > HBM {report['hbm_bytes_per_device'] / 2**30:.2f} GiB" in lines[0]
 
 
+def test_auto_attention_that_splash_cannot_tile_exits_2():
+  code, out, err = dry_run("--config=tiny", "--target=v5litepod-8", "--config.data.seq_len=96")
+  assert code == 2 and out == ""
+  assert err.strip() == ("error: model.splash_block_q: 96 (shrunk to data.seq_len=96) must divide data.seq_len "
+                         "and be a multiple of 128")
+
+
 def test_a_mesh_that_does_not_match_the_slice_exits_2():
   code, out, err = dry_run("--config=tiny", "--target=v5litepod-8", "--config.mesh.data=16")
   assert code == 2 and out == ""

@@ -244,6 +244,7 @@ def target_report(setup: train_lib.Setup, tpu: tpu_topology.TpuSlice) -> dict[st
   peaks = [m["peak_estimate"] for m in (mem, eval_mem) if m is not None]
   report["peak_bytes_per_device"] = mem["peak_estimate"] if mem else None
   report["eval_peak_bytes_per_device"] = eval_mem["peak_estimate"] if eval_mem else None
+  report["compile_s"] = {"train": mem["compile_s"] if mem else None, "eval": eval_mem["compile_s"] if eval_mem else None}
   report["fits"] = bool(mem and eval_mem) and all(p <= hbm for p in peaks) and not any(
       m.get("out_of_memory") for m in (mem, eval_mem))
   report["collective_bytes_per_device"] = None

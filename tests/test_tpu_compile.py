@@ -87,6 +87,7 @@ def test_tiny_compiles_for_v5litepod_8_and_xla_counts_our_shards():
   assert state + 1 * 128 * 3 * 4 <= mem["argument"] < 1.01 * (state + 1 * 128 * 3 * 4)
   assert state <= mem["alias"] < 1.01 * state  # the state is donated
   assert report["peak_bytes_per_device"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+  assert report["compile_s"] == {"train": mem["compile_s"], "eval": report["eval_memory"]["compile_s"]}
   eval_args = report["param_bytes_per_device"] + 1 * 128 * 3 * 4  # params + batch
   assert eval_args <= report["eval_memory"]["argument"] < 1.01 * eval_args
   # tiny's attention is auto: splash on TPU. Mosaic lowers it only for a TPU, so this compile is its real check:

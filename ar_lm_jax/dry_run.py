@@ -231,6 +231,9 @@ def target_report(setup: train_lib.Setup, tpu: tpu_topology.TpuSlice) -> dict[st
     _say(f"train step compiled in {mem['compile_s']:.1f}s; per chip: arguments {_gib(mem['argument'])}, "
          f"outputs {_gib(mem['output'])} ({_gib(mem['alias'])} of them donated), temporaries {_gib(mem['temp'])}, "
          f"peak {_gib(mem['peak_estimate'])} of {_gib(hbm)}")
+    if mem["peak_estimate"] > hbm:  # XLA:TPU's own check passed, yet inputs and temporaries must share the chip
+      _say(f"  the compiler accepted it, but its live inputs and temporaries together exceed HBM by "
+           f"{_gib(mem['peak_estimate'] - hbm)}")
   eval_mem, eval_why = compile_eval_step(setup) if mem is not None else (None, "not compiled: the train step did not compile")
   report["eval_memory"] = eval_mem
   if eval_mem is None:

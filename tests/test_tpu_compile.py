@@ -2,8 +2,9 @@
 
 `pip install -r requirements-tpu.txt` in a separate venv (docs/tpu.md), then
 `venv-tpu/bin/python -m pytest tests/test_tpu_compile.py`. Elsewhere every test here is
-skipped: the CPU suite never needs libtpu. `AR_LM_SLOW_TESTS=1` adds the full recipe on
-v5litepod-16 with and without FSDP (two compiles of about a minute each).
+skipped: the CPU suite never needs libtpu. `.ci/run` runs this file in such a venv.
+`AR_LM_SLOW_TESTS=1` adds the full recipe with splash on v5litepod-16 with and without FSDP
+(two compiles of several minutes).
 """
 
 from __future__ import annotations

@@ -101,8 +101,9 @@ def test_a_step_that_does_not_fit_exits_1_with_one_line():
   # The reference attention's fp32 [B, N, T, T] scores alone are 64 x 4 x 4096^2 x 4 bytes = 16 GiB per layer on
   # the one chip: more than a v5e chip's 15.75 GiB, for the train and the eval step (both refused in seconds).
   b, n, t = 64, 4, 4096
-  code, out, err = dry_run("--config=tiny", "--target=v5litepod-1", f"--config.model.max_position_embeddings={t}",
-                           f"--config.data.batch_size={b}", f"--config.data.seq_len={t}")
+  code, out, err = dry_run("--config=tiny", "--target=v5litepod-1", "--config.model.attention=xla",
+                           f"--config.model.max_position_embeddings={t}", f"--config.data.batch_size={b}",
+                           f"--config.data.seq_len={t}")
   assert code == 1, err[-3000:]
   lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("does not fit: peak ") and lines[0].endswith(

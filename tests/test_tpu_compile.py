@@ -157,7 +157,11 @@ def test_fsdp_lowers_the_recipe_peak_on_v5litepod_16():
   code, out, err = dry_run(*RECIPE_ON_V5E_16, "--config.mesh.fsdp=true", timeout=1800)
   sharded = json.loads(out.strip().splitlines()[-1])
   assert replicated["attention"] == sharded["attention"] == "splash"
-  assert sharded["param_bytes_per_device"] * 16 == replicated["param_bytes_per_device"]
+  # FSDP splits every matrix 16 ways over `embed`; the LayerNorm weights and biases and the q/k/v biases
+  # (no `embed` axis, 0.02% of the parameters) stay whole on every chip.
+  L, D = 24, 2048
+  whole = 4 * (L * 2 * 2 * D + 2 * D + L * 3 * D)
+  assert sharded["param_bytes_per_device"] == (replicated["param_bytes_per_device"] - whole) // 16 + whole
   # libtpu 0.0.42: 18.50 GiB (refused) -> 16.17 GiB (1.15 GiB of arguments + 15.01 GiB of temporaries):
   # lower, and still over a v5e chip's 15.75 GiB (docs/tpu.md).
   assert sharded["peak_bytes_per_device"] < replicated["peak_bytes_per_device"]

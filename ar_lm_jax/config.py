@@ -50,14 +50,23 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = True  # stack the blocks and run them with nn.scan (fast compile) instead of unrolled
   remat: str = "none"  # rematerialization policy by name: none, full, dots_saveable, dots_with_no_batch_dims_saveable, save_attn_mlp_out
-  attention: str = "xla"  # attention implementation: xla (reference), cudnn, pallas (GPU flash with segment ids)
+  attention: str = "xla"  # attention kernel, one of ATTENTION_IMPLS: auto (the best for the platform, attention.resolve_attention), xla (reference), cudnn, pallas, splash
+  max_segments_per_row: int = 64  # cudnn: documents per row cuDNN takes (the static M of its [B, M] lengths); a row with more uses pallas
+  splash_block_q: int = 512  # splash (TPU): query rows per tile, forward and dq (shrunk to seq_len when longer)
+  splash_block_kv: int = 512  # splash: key rows per tile, forward and dq
+  splash_block_q_dkv: int = 512  # splash: query rows per tile of the dk/dv backward kernel
+  splash_block_kv_dkv: int = 512  # splash: key rows per tile of the dk/dv backward kernel
 
   def __post_init__(self):
     _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
     _check(self.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
     _check(self.param_dtype in ("float32", "bfloat16"), "model.param_dtype", f"must be float32 or bfloat16, got {self.param_dtype!r}")
     _check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
-    _check(self.attention in ("xla", "cudnn", "pallas"), "model.attention", f"must be xla, cudnn or pallas, got {self.attention!r}")
+    _check(self.attention in ATTENTION_IMPLS, "model.attention", f"must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+    _check(self.max_segments_per_row > 0, "model.max_segments_per_row", "must be positive")
+    for k in ("splash_block_q", "splash_block_kv", "splash_block_q_dkv", "splash_block_kv_dkv"):
+      # TPU tiles are (8, 128) vregs: splash blocks must be whole multiples of the 128 lanes.
+      _check(getattr(self, k) > 0 and getattr(self, k) % 128 == 0, f"model.{k}", f"must be a positive multiple of 128, got {getattr(self, k)}")
     _check(0.0 < self.partial_rotary_factor <= 1.0, "model.partial_rotary_factor", "must be in (0, 1]")
     _check(self.rotary_dim % 2 == 0, "model.partial_rotary_factor", f"gives an odd rotary dim {self.rotary_dim}")
     for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
@@ -72,6 +81,8 @@ class ModelConfig:
     return int(self.head_dim * self.partial_rotary_factor)
 
 
+# The attention kernels, in one place: config validation reads it, attention.attend dispatches on it.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "save_attn_mlp_out")
 
 
@@ -255,6 +266,11 @@ class Config:
   def __post_init__(self):
     _check(self.data.seq_len <= self.model.max_position_embeddings, "data.seq_len",
            f"{self.data.seq_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
+    if self.model.attention == "splash":  # (auto, splash only on a TPU, is checked when the kernel is built)
+      for k in ("splash_block_q", "splash_block_kv", "splash_block_q_dkv", "splash_block_kv_dkv"):
+        block = min(getattr(self.model, k), self.data.seq_len)
+        _check(self.data.seq_len % block == 0 and block % 128 == 0, f"model.{k}",
+               f"{block} (shrunk to data.seq_len={self.data.seq_len}) must divide data.seq_len and be a multiple of 128")
     chunk = self.train.loss_chunk_size
     _check(chunk == 0 or chunk >= self.data.seq_len or self.data.seq_len % chunk == 0, "train.loss_chunk_size",
            f"{chunk} does not divide data.seq_len={self.data.seq_len}")

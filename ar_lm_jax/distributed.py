@@ -1,4 +1,4 @@
-"""Multi-host start-up: `jax.distributed.initialize` from explicit flags, or SLURM auto-detection.
+"""Multi-host start-up: `jax.distributed.initialize` from explicit flags, or SLURM / Cloud TPU auto-detection.
 
 Must run before anything touches a JAX backend (`jax.devices()`, `jax.default_backend()`, any
 array): JAX refuses to join a cluster once its backends exist.
@@ -22,6 +22,12 @@ def under_srun() -> bool:
   return all(v in os.environ for v in needed) and int(os.environ["SLURM_NTASKS"]) > 1
 
 
+def on_cloud_tpu_vm() -> bool:
+  """True on a Cloud TPU VM (JAX found TPU chips and libtpu when it was imported), where JAX reads the slice's hosts itself."""
+  from jax._src import cloud_tpu_init  # pylint: disable=import-outside-toplevel  # the flag `import jax` sets; no public API
+  return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+
+
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None, cpu_collectives: str = "gloo",
                initialization_timeout_s: int = 300) -> bool:
@@ -31,7 +37,9 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   runs (no flags, no srun) skip this entirely.
   """
   explicit = (coordinator_address, num_processes, process_id)
-  if all(v is None for v in explicit) and not under_srun():
+  # On a TPU VM, jax.distributed.initialize() with no arguments finds the slice's workers in the GCE
+  # metadata (docs/tpu.md); orbax's multi-host barriers need the client it starts.
+  if all(v is None for v in explicit) and not under_srun() and not on_cloud_tpu_vm():
     return False
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):

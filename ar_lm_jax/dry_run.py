@@ -11,16 +11,23 @@ The compiled numbers come from whatever backend runs the dry run. On CPU they
 are an estimate for GPU: the CPU compiler fuses and schedules differently, and
 `cudnn` attention falls back to the XLA reference there, which materializes the
 [B, N, T, T] scores, so CPU temporaries overstate a flash-attention GPU run.
+
+`--target=v5p-16` (any slice in `tpu_topology.SLICES`; needs libtpu) compiles the train
+step and the eval step for that TPU slice instead, on whatever host runs it, with the
+XLA:TPU compiler and its memory model, and checks the per-chip peak against the HBM
+the compiler says a chip offers (docs/tpu.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Optional
 
 import jax
 
-from ar_lm_jax import collectives, sharding
+from ar_lm_jax import attention as attention_lib
+from ar_lm_jax import collectives, sharding, tpu_topology
 from ar_lm_jax import train as train_lib
 from ar_lm_jax.config import Config
 from ar_lm_jax.model import param_count
@@ -37,12 +44,32 @@ def _gb(n: float) -> str:
   return f"{n / GB:.2f} GB"
 
 
-def compiled_memory(setup: train_lib.Setup) -> tuple[Optional[dict[str, Any]], str]:
-  """XLA's per-device memory analysis of the compiled train step, or (None, why not)."""
+def _memory(compiled, compile_s: float) -> Optional[dict[str, Any]]:
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  mem = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp", "generated_code")}
+  # Donated state is aliased to the output, so it is counted once.
+  mem["peak_estimate"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+  mem["compile_s"] = round(compile_s, 2)
+  return mem
+
+
+def _out_of_memory(e: Exception, compile_s: float) -> Optional[dict[str, Any]]:
+  """XLA:TPU refuses at compile time a program that exceeds HBM, naming the bytes it needed: that is the peak."""
+  parsed = tpu_topology.parse_out_of_memory(str(e))
+  if parsed is None:
+    return None
+  return {"peak_estimate": parsed[0], "out_of_memory": True, "compiler_hbm": parsed[1], "compile_s": round(compile_s, 2)}
+
+
+def compile_train_step(setup: train_lib.Setup) -> tuple[Any, Optional[dict[str, Any]], str]:
+  """(compiled step or None, XLA's per-device memory analysis or None, why not) for the train step."""
   cfg = setup.cfg
   platform = setup.mesh.devices.flat[0].platform
-  if cfg.model.attention == "pallas" and platform != "gpu":
-    return None, f"model.attention=pallas compiles only on GPU, not {platform}"
+  impl = attention_lib.resolve_attention(cfg.model, platform)
+  if attention_lib.KERNEL_PLATFORM.get(impl, platform) != platform:
+    return None, None, f"model.attention={impl} compiles only on {attention_lib.KERNEL_PLATFORM[impl].upper()}, not {platform}"
   step = train_lib.jit_train_step(setup)
   t0 = time.perf_counter()
   with setup.activate():
@@ -50,17 +77,19 @@ def compiled_memory(setup: train_lib.Setup) -> tuple[Optional[dict[str, Any]], s
     try:
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # e.g. a compiler that rejects the program on this backend
-      return None, f"compilation failed on {platform}: {str(e).splitlines()[0]}"
-  compile_s = time.perf_counter() - t0
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return None, f"the {platform} compiler gives no memory analysis"
-  mem = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp", "generated_code")}
-  # Donated state is aliased to the output, so it is counted once.
-  mem["peak_estimate"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
-  mem["compile_s"] = round(compile_s, 2)
+      oom = _out_of_memory(e, time.perf_counter() - t0)
+      return None, oom, "" if oom else f"compilation failed on {platform}: {str(e).splitlines()[0]}"
+  mem = _memory(compiled, time.perf_counter() - t0)
+  return compiled, mem, "" if mem else f"the {platform} compiler gives no memory analysis"
+
+
+def compiled_memory(setup: train_lib.Setup) -> tuple[Optional[dict[str, Any]], str]:
+  """XLA's per-device memory analysis of the compiled train step, or (None, why not)."""
+  compiled, mem, why = compile_train_step(setup)
+  if compiled is None:
+    return None, why or f"the compiler ran out of device memory: the step needs {_gb(mem['peak_estimate'])}"
   mem["collectives"] = collectives.collective_report(compiled)  # moved to the report's top level by dry_run
-  return mem, ""
+  return mem, why
 
 
 def _device_bytes_limit() -> Optional[int]:
@@ -68,16 +97,23 @@ def _device_bytes_limit() -> Optional[int]:
   return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def dry_run(cfg: Config, *, memory_analysis: bool = True) -> dict[str, Any]:
-  """Builds `cfg` abstractly on this process's devices and prints what one device would hold.
+def dry_run(cfg: Config, *, memory_analysis: bool = True, target: Optional[str] = None) -> dict[str, Any]:
+  """Builds `cfg` abstractly on this process's devices (or a TPU slice's) and prints what one device would hold.
 
   Returns a JSON-able report with at least `params`, `mesh` (axis -> size),
   `param_bytes_per_device` and `opt_state_bytes_per_device`; with `memory_analysis`,
   also `memory` (XLA's numbers for the compiled train step, per device) and
   `collective_bytes_per_device` ({op: operand bytes per device per step}, from the
-  compiled HLO: `collectives.py`), or `memory_unavailable` (why not).
+  compiled HLO: `collectives.py`), or `memory_unavailable` (why not). With `target`
+  (a Cloud TPU slice name), the steps are compiled for that slice and the report has
+  the fields of `target_report`.
   """
-  setup = train_lib.build(cfg)
+  tpu = tpu_topology.lookup(target) if target else None
+  if tpu and cfg.model.attention == "auto" and attention_lib.resolve_attention(cfg.model, "tpu") == "splash":
+    # config.py checks splash's blocks against seq_len for an explicit splash only; `auto` becomes splash
+    # here, so run the same check now: a ConfigError (exit 2) instead of a ValueError deep in the trace.
+    cfg.replace(model=dataclasses.replace(cfg.model, attention="splash"))
+  setup = train_lib.build(cfg, tpu_topology.devices(tpu) if tpu else None)
   abstract, shardings = setup.abstract_state, setup.state_shardings
   mesh = {str(k): int(v) for k, v in setup.mesh.shape.items()}
   devices = setup.mesh.devices.size
@@ -102,17 +138,26 @@ def dry_run(cfg: Config, *, memory_analysis: bool = True) -> dict[str, Any]:
       "grad_accum_steps": cfg.optim.grad_accum_steps,
       "sequences_per_data_replica": micro // mesh[sharding.DATA],
       "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
+      # The kernel the config selects where it will run: a CPU dry run stands in for a GPU launch.
+      "attention": attention_lib.resolve_attention(cfg.model, "tpu" if setup.mesh.devices.flat[0].platform == "tpu" else "gpu"),
   }
   layout = "ZeRO-1: optimizer state also over data" if cfg.mesh.shard_optimizer_over_data else "optimizer state replicated over data"
   if cfg.mesh.fsdp:
     layout = "FSDP: parameters and optimizer state over data"
-  _say(f"dry run of {cfg.name} on {devices} {report['platform']} devices, {jax.process_count()} process(es)")
+  if tpu:
+    _say(f"dry run of {cfg.name} for {tpu.name}: {devices} {tpu.chip.device_kind} chips ({tpu.topology_name}) on {tpu.hosts} "
+         f"host(s), compiled on this host by XLA:TPU")
+  else:
+    _say(f"dry run of {cfg.name} on {devices} {report['platform']} devices, {jax.process_count()} process(es)")
   _say(f"mesh: data={mesh[sharding.DATA]} x model={mesh[sharding.MODEL]} ({layout})")
   _say(f"parameters: {n_params:,}")
   _say(f"per device: parameters {_gb(param_bytes)}, optimizer state {_gb(opt_bytes)} (of {_gb(opt_total)} in all)")
   _say(f"batch: {cfg.data.batch_size} x {cfg.data.seq_len} = {report['tokens_per_step']:,} tokens per step; "
        f"{report['sequences_per_data_replica']} sequences per data replica per micro-batch, "
        f"{cfg.optim.grad_accum_steps} micro-batch(es) per step")
+  if tpu:
+    report.update(target_report(setup, tpu))
+    return report
   if memory_analysis:
     mem, why = compiled_memory(setup)
     if mem is None:
@@ -134,3 +179,99 @@ def dry_run(cfg: Config, *, memory_analysis: bool = True) -> dict[str, Any]:
       elif report["platform"] == "cpu":
         _say("(CPU compiler's estimate: see ar_lm_jax/dry_run.py for how it differs from a GPU run)")
   return report
+
+
+# ---------------------------------------------------------------------------
+# --target: the steps compiled for a TPU slice.
+
+
+def _gib(n: float) -> str:
+  return f"{n / tpu_topology.GiB:.2f} GiB"
+
+
+def compile_eval_step(setup: train_lib.Setup) -> tuple[Optional[dict[str, Any]], str]:
+  """Memory of the in-training eval step (`evaluate.Scorer`, compiled as TrainEvaluator compiles it), or (None, why not)."""
+  from ar_lm_jax import evaluate
+  cfg = setup.cfg
+  t0 = time.perf_counter()
+  try:
+    scorer = evaluate.Scorer(setup, cfg.data.batch_size // cfg.optim.grad_accum_steps)
+  except jax.errors.JaxRuntimeError as e:
+    oom = _out_of_memory(e, time.perf_counter() - t0)
+    return oom, "" if oom else f"compilation failed: {str(e).splitlines()[0]}"
+  mem = _memory(scorer._compiled, time.perf_counter() - t0)
+  return mem, "" if mem else "the compiler gives no memory analysis"
+
+
+def mosaic_kernels(compiled) -> int:
+  """Pallas TPU (Mosaic) kernel launches in the compiled program: the proof that a Pallas attention lowered."""
+  return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+
+
+def target_report(setup: train_lib.Setup, tpu: tpu_topology.TpuSlice) -> dict[str, Any]:
+  """Compiles the train and eval steps for `tpu`'s chips and checks each one's per-chip peak against HBM."""
+  cfg = setup.cfg
+  chip0 = setup.mesh.devices.flat[0]
+  hbm = tpu_topology.compiler_hbm_bytes(chip0)
+  hbm_source = "XLA:TPU compiler"
+  if hbm is None:
+    hbm, hbm_source = tpu.chip.hbm_bytes, "data sheet"
+  _say(f"HBM per chip: {_gib(hbm)} ({hbm_source}); peak bf16 {tpu.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s per chip")
+  report: dict[str, Any] = {"target": tpu.name, "topology": tpu.topology_name, "hosts": tpu.hosts,
+                            "hbm_bytes_per_device": hbm, "hbm_source": hbm_source}
+  compiled, mem, why = compile_train_step(setup)
+  report["memory"] = mem
+  if mem is None:
+    report["memory_unavailable"] = why
+    _say(f"train step: {why}")
+  elif mem.get("out_of_memory"):
+    _say(f"train step: XLA:TPU refused it in {mem['compile_s']:.1f}s: needs {_gib(mem['peak_estimate'])} per chip, "
+         f"HBM {_gib(mem['compiler_hbm'])}")
+  else:
+    _say(f"train step compiled in {mem['compile_s']:.1f}s; per chip: arguments {_gib(mem['argument'])}, "
+         f"outputs {_gib(mem['output'])} ({_gib(mem['alias'])} of them donated), temporaries {_gib(mem['temp'])}, "
+         f"peak {_gib(mem['peak_estimate'])} of {_gib(hbm)}")
+    if mem["peak_estimate"] > hbm:  # XLA:TPU's own check passed, yet inputs and temporaries must share the chip
+      _say(f"  the compiler accepted it, but its live inputs and temporaries together exceed HBM by "
+           f"{_gib(mem['peak_estimate'] - hbm)}")
+  eval_mem, eval_why = compile_eval_step(setup) if mem is not None else (None, "not compiled: the train step did not compile")
+  report["eval_memory"] = eval_mem
+  if eval_mem is None:
+    report["eval_memory_unavailable"] = eval_why
+    _say(f"eval step: {eval_why}")
+  elif eval_mem.get("out_of_memory"):
+    _say(f"eval step: XLA:TPU refused it: needs {_gib(eval_mem['peak_estimate'])} per chip")
+  else:
+    _say(f"eval step ({cfg.data.batch_size // cfg.optim.grad_accum_steps} rows) compiled in {eval_mem['compile_s']:.1f}s; "
+         f"peak {_gib(eval_mem['peak_estimate'])} per chip")
+  peaks = [m["peak_estimate"] for m in (mem, eval_mem) if m is not None]
+  report["peak_bytes_per_device"] = mem["peak_estimate"] if mem else None
+  report["eval_peak_bytes_per_device"] = eval_mem["peak_estimate"] if eval_mem else None
+  report["compile_s"] = {"train": mem["compile_s"] if mem else None, "eval": eval_mem["compile_s"] if eval_mem else None}
+  report["fits"] = bool(mem and eval_mem) and all(p <= hbm for p in peaks) and not any(
+      m.get("out_of_memory") for m in (mem, eval_mem))
+  report["collective_bytes_per_device"] = None
+  if compiled is not None:
+    coll = collectives.collective_report(compiled)
+    report["collective_bytes_per_device"] = coll.bytes_per_device
+    _say(coll.summary())
+  kernels = mosaic_kernels(compiled) if compiled is not None else None
+  report["attention"] = attention_lib.resolve_attention(cfg.model, "tpu")
+  report["mosaic_kernels_in_train_step"] = kernels
+  if kernels is not None:
+    _say(f"attention: {report['attention']} (model.attention={cfg.model.attention}); {kernels} Pallas/Mosaic kernel "
+         f"call(s) in the compiled train step")
+  _say(f"the train and eval steps {'fit' if report['fits'] else 'do NOT fit'} on {tpu.name}")
+  return report
+
+
+def verdict_line(report: dict[str, Any]) -> str:
+  """The one line a failed --target check ends with on stderr."""
+  target, hbm = report["target"], report["hbm_bytes_per_device"]
+  for step, key in (("", "memory"), ("eval step ", "eval_memory")):
+    mem = report.get(key)
+    if mem is None:
+      return f"could not compile the {step or 'train step '}for {target}: {report.get(key + '_unavailable', '')}"
+    if mem.get("out_of_memory") or mem["peak_estimate"] > hbm:
+      return f"does not fit: {step}peak {_gib(mem['peak_estimate'])} > HBM {_gib(hbm)} per chip on {target}"
+  return f"fits on {target}"

@@ -2,8 +2,8 @@
 
 `jax.experimental.pallas.ops.gpu.attention.mha` tiles the sequence, never builds
 the [T, T] scores, and masks by `segment_ids` inside the kernel, so packed
-documents never attend to each other (cuDNN's public API has no segment ids;
-`attention.cudnn_attention` passes the document mask as a bias instead).
+documents never attend to each other, whatever their number per row (`cudnn`
+falls back to it for a row with more than `model.max_segments_per_row`).
 
 Under a multi-device mesh the kernel runs per shard inside `shard_map` (a
 `pallas_call` is opaque to the SPMD partitioner, which would otherwise gather
@@ -17,9 +17,9 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
-import flax.linen as nn
-import jax
 from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+from ar_lm_jax import attention as attention_lib
 
 # Forward tiles of 128 queries x 64 keys; the fused backward needs the same number of query and key
 # blocks, hence one size for all four of its tiles. `mha` shrinks each to the sequence length.
@@ -27,7 +27,8 @@ BLOCK_SIZES = pallas_attention.BlockSizes(block_q=128, block_k=64, block_q_dkv=6
                                           block_q_dq=64, block_kv_dq=64)
 
 
-def _kernel(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, interpret: bool):
+def kernel(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, interpret: bool):
+  """The kernel on one shard's arrays."""
   return pallas_attention.mha(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, sm_scale=q_BTNH.shape[-1] ** -0.5,
                               causal=True, block_sizes=BLOCK_SIZES, interpret=interpret)
 
@@ -35,12 +36,5 @@ def _kernel(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, interpret: bool):
 def attention(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, interpret: Optional[bool] = None):
   """Causal attention within each segment; q, k, v [B, T, N, H] of one dtype, segment_ids [B, T] int32."""
   if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  kernel = functools.partial(_kernel, interpret=interpret)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return kernel(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT.astype("int32"))
-  qkv_spec = nn.logical_to_mesh_axes(("batch", "length", "act_heads", "head_dim"))
-  seg_spec = nn.logical_to_mesh_axes(("batch", "length"))
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec), out_specs=qkv_spec,
-                       check_vma=False)(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT.astype("int32"))
+    interpret = attention_lib.current_platform() != "gpu"
+  return attention_lib.per_shard(functools.partial(kernel, interpret=interpret))(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT)

@@ -19,6 +19,7 @@ logical partitioning metadata are mature there.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -122,7 +123,9 @@ class SelfAttention(nn.Module):
     if self.has_variable("cache", "key"):  # only generate.py passes a KV cache; training never takes this branch
       out_BTNH = self._attend_cached(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT)
     else:
-      out_BTNH = attention_lib.attend(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, impl=cfg.attention)
+      # The kernels hold no parameters, and init traces a [1, 8] batch that splash cannot tile: init takes the reference.
+      attn_cfg = dataclasses.replace(cfg, attention="xla") if self.is_initializing() else cfg
+      out_BTNH = attention_lib.attend(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, attn_cfg)
     out_BTNH = checkpoint_name(out_BTNH, "attn_out")
     return _Proj(cfg, (N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", name="o_proj")(out_BTNH)
 

@@ -50,7 +50,15 @@ def peak_flops_per_device() -> Optional[float]:
   dev = jax.devices()[0]
   if dev.platform == "cpu":
     return measured_cpu_matmul_flops()
-  kind = dev.device_kind.lower()
+  return peak_flops_for_kind(dev.device_kind)
+
+
+def peak_flops_for_kind(device_kind: str) -> Optional[float]:
+  """Data-sheet peak of a device by its jax device_kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite", ...); None if unknown.
+
+  The longest matching name wins, so "TPU v5 lite" (v5e) is not taken for "TPU v5" (v5p).
+  """
+  kind = device_kind.lower()
   for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
     if name in kind:
       return flops

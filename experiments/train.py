@@ -15,6 +15,8 @@ def main() -> int:
   p = cli.make_parser(__doc__)
   p.add_argument("--workdir", default=None, help="run directory (default: runs/CONFIG-TIMESTAMP); an existing one resumes")
   p.add_argument("--dry_run", action="store_true", help="build abstractly, print mesh, sizes and memory, allocate nothing")
+  p.add_argument("--target", default=None, help="with --dry_run: compile for this Cloud TPU slice (v5p-16, v5litepod-16, ...; "
+                 "needs libtpu, see docs/tpu.md); exit 1 if it does not fit")
   p.add_argument("--init_from_hf", default=None, help="start a fresh run from a Hugging Face StableLm directory")
   p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host)")
   p.add_argument("--num_processes", type=int, default=None, help="number of processes (multi-host)")
@@ -23,6 +25,8 @@ def main() -> int:
   if args.init_from_hf:  # shorthand for --config.checkpoint.init_from, so the run's config.json records it
     cfg = override(cfg, "checkpoint.init_from", args.init_from_hf)
 
+  if args.target:
+    return dry_run_for_target(cfg, args.target, args.dry_run)
   from ar_lm_jax import perf  # XLA reads XLA_FLAGS once, when a backend starts: the GPU flags go first
   perf.apply_gpu_xla_flags()
   from ar_lm_jax import checkpoint, distributed, trainer  # jax is imported only after the flags parsed
@@ -44,6 +48,24 @@ def main() -> int:
   if is_main:
     print(f"metrics: {summary['metrics']}\ncheckpoints: {summary['checkpoints']}")
     print(json.dumps(summary))
+  return 0
+
+
+def dry_run_for_target(cfg, target: str, dry_run_flag: bool) -> int:
+  """--dry_run --target: one process compiles for the whole slice, here; it joins no job and opens no local accelerator."""
+  from ar_lm_jax import tpu_topology
+  if not dry_run_flag:
+    raise cli.UsageError("--target needs --dry_run")
+  tpu = tpu_topology.lookup(target)
+  if not tpu_topology.libtpu_installed():
+    raise cli.UsageError(tpu_topology.INSTALL_HINT)
+  tpu_topology.prepare_environment(tpu)  # before jax starts
+  from ar_lm_jax import dry_run
+  report = dry_run.dry_run(cfg, target=target)
+  print(json.dumps(report), flush=True)
+  if not report["fits"]:
+    print(dry_run.verdict_line(report), file=sys.stderr)
+    return 1
   return 0
 
 

@@ -1,13 +1,18 @@
 """Attention implementations on packed documents: each equals an fp64 per-document reference, and none leaks.
 
 `xla` is checked against attention computed in float64 numpy one document at a
-time; `cudnn` (jax.nn.dot_product_attention, the XLA path on CPU) and `pallas`
-(the GPU flash kernel, run in Pallas interpret mode on CPU) are checked against
-`xla` on the same packed rows, values and gradients, and by perturbing one
-document's keys and values and watching the others' outputs stay bit-identical.
+time; `pallas` (the GPU flash kernel) and `splash` (the TPU kernel), both run in
+Pallas interpret mode on CPU, are checked against `xla` on the same packed rows,
+values and gradients, and by perturbing one document's keys and values and
+watching the others' outputs stay bit-identical. cuDNN cannot run here: its
+per-document lengths and offsets are checked against the segments, attention
+computed from those offsets alone equals the reference, and the train-step
+kernel is lowered for CUDA to check what the cuDNN custom call receives.
 """
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ar_lm_jax import attention, flash_attention
+from ar_lm_jax import attention, flash_attention, splash_attention
+from ar_lm_jax.config import ConfigError, Config, DataConfig, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 B, T, N, H = 2, 128, 2, 16
@@ -50,8 +56,9 @@ def _reference_fp64(q, k, v, seg):
 
 IMPLS = {
     "xla": attention.xla_attention,
-    "cudnn": attention.cudnn_attention,
     "pallas": lambda q, k, v, s: flash_attention.attention(q, k, v, s, interpret=True),
+    # Blocks of 128 (T = 128): the smallest a TPU takes, one tile per row here.
+    "splash": lambda q, k, v, s: splash_attention.attention(q, k, v, s, (128, 128, 128, 128), interpret=True),
 }
 
 
@@ -70,7 +77,7 @@ def reference_grads():
   return (q, k, v, w), attention.xla_attention(q, k, v, seg), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
 
-@pytest.mark.parametrize("impl", ["cudnn", "pallas"])
+@pytest.mark.parametrize("impl", ["pallas", "splash"])
 def test_implementation_equals_reference_values_and_grads(impl, reference_grads):
   (q, k, v, w), want_out, want_grads = reference_grads
   seg = jnp.asarray(SEGMENTS)
@@ -96,10 +103,11 @@ def test_no_attention_across_documents(impl):
   assert not np.allclose(a[~others], b[~others])  # and the change did reach document 2 itself
 
 
-def test_pallas_bf16_close_to_fp32_reference():
+@pytest.mark.parametrize("impl", ["pallas", "splash"])
+def test_bf16_close_to_fp32_reference(impl):
   q, k, v = _qkv(2)
   seg = jnp.asarray(SEGMENTS)
-  got = IMPLS["pallas"](*(x.astype(jnp.bfloat16) for x in (q, k, v)), seg)
+  got = IMPLS[impl](*(x.astype(jnp.bfloat16) for x in (q, k, v)), seg)
   assert got.dtype == jnp.bfloat16
   # bf16 inputs carry ~3 significant digits; the fp32 reference sees the same rounded inputs.
   want = attention.xla_attention(*(x.astype(jnp.bfloat16).astype(jnp.float32) for x in (q, k, v)), seg)
@@ -109,22 +117,194 @@ def test_pallas_bf16_close_to_fp32_reference():
 SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
     from jax.sharding import Mesh
-    from ar_lm_jax import attention, flash_attention, sharding
+    from ar_lm_jax import attention, flash_attention, sharding, splash_attention
     from ar_lm_jax.config import MeshConfig
     mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2), ("data", "model"))
-    seg = jnp.asarray(np.repeat(np.arange(1, 5, dtype=np.int32), 16)[None].repeat(4, 0))
-    q, k, v = (jax.random.normal(jax.random.key(i), (4, 64, 4, 16)) for i in range(3))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(MeshConfig(data=2, model=2))):
-      lowered = jax.jit(lambda q, k, v, s: flash_attention.attention(q, k, v, s, interpret=True)).lower(q, k, v, seg)
-      text, got = lowered.as_text(), lowered.compile()(q, k, v, seg)
+    seg = jnp.asarray(np.repeat(np.arange(1, 5, dtype=np.int32), 32)[None].repeat(4, 0))
+    q, k, v = (jax.random.normal(jax.random.key(i), (4, 128, 4, 16)) for i in range(3))
     want = attention.xla_attention(q, k, v, seg)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    assert "shard_map" in text or "sdy.manual_computation" in text, "the kernel did not run per shard"
+    kernels = {"pallas": lambda q, k, v, s: flash_attention.attention(q, k, v, s, interpret=True),
+               "splash": lambda q, k, v, s: splash_attention.attention(q, k, v, s, interpret=True)}
+    for name, fn in kernels.items():
+      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(MeshConfig(data=2, model=2))):
+        lowered = jax.jit(fn).lower(q, k, v, seg)
+        text, got = lowered.as_text(), lowered.compile()(q, k, v, seg)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=name)
+      assert "shard_map" in text or "sdy.manual_computation" in text, f"{name} did not run per shard"
+    # cuDNN, lowered for CUDA (see the single-device test for the stubbed checks): each device's custom call
+    # gets its own [B/data, T, N/model, H] shard and the lengths/offsets of its own rows.
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+    from jax.export import DisabledSafetyCheck
+    cudnn_fa.check_cudnn_version = lambda: 91000
+    cudnn_fa.check_compute_capability = lambda capability: True
+    cudnn_fa.is_cuda_compute_capability_equal = lambda capability: False
+    loss = lambda q, k, v, s: jnp.sum(attention.per_shard(
+        lambda q, k, v, s: attention._cudnn_kernel(q, k, v, s, max_segments=8))(q, k, v, s).astype(jnp.float32))
+    qkv = jax.ShapeDtypeStruct((4, 128, 4, 64), jnp.bfloat16)
+    checks = [DisabledSafetyCheck.custom_call(t) for t in ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__gpu$xla.gpu.triton")]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(MeshConfig(data=2, model=2))):
+      exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"], disabled_checks=checks)(
+          qkv, qkv, qkv, jax.ShapeDtypeStruct((4, 128), jnp.int32))
+    fwd = [l for l in exported.mlir_module().splitlines() if "custom_call @__cudnn$fmhaSoftmax(" in l]
+    assert len(fwd) == 1 and fwd[0].split("} : (")[1].startswith(
+        "tensor<2x128x2x64xbf16>, tensor<2x128x2x64xbf16>, tensor<2x128x2x64xbf16>, tensor<2x8xi32>, tensor<2x8xi32>, "
+        "tensor<2x9xi32>, tensor<2x9xi32>)"), fwd
     print("OK")
 """)
 
 
-def test_pallas_runs_per_shard_under_a_mesh():
+def test_kernels_run_per_shard_under_a_mesh():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+# ---- cuDNN's packed layout: per-document lengths and offsets ----
+
+def _runs(row):
+  """(start, length) of each maximal run of equal ids in a row, by a plain loop."""
+  runs, start = [], 0
+  for t in range(1, len(row) + 1):
+    if t == len(row) or row[t] != row[start]:
+      runs.append((start, t - start))
+      start = t
+  return runs
+
+
+def _random_segments(seed, rows=3, T=T):
+  """Rows of contiguous documents of random lengths (1-token documents included), some ending in padding."""
+  rng = np.random.default_rng(seed)
+  out = np.zeros((rows, T), np.int32)
+  for b in range(rows):
+    t, doc = 0, 1
+    end = T - rng.integers(0, 20) * (b % 2)
+    while t < end:
+      n = int(min(rng.choice([1, 2, 5, 17, 40]), end - t))
+      out[b, t:t + n] = doc
+      t, doc = t + n, doc + 1
+  return out
+
+
+@pytest.mark.parametrize("M", [3, 4, 64])
+@pytest.mark.parametrize("seed", [None, 0, 1])
+def test_document_seqlens_offsets_list_each_run_of_the_segments(M, seed):
+  seg = SEGMENTS if seed is None else _random_segments(seed)
+  seqlens, offsets, count = map(np.asarray, jax.jit(attention.document_seqlens_offsets, static_argnums=1)(jnp.asarray(seg), M))
+  assert seqlens.shape == (seg.shape[0], M) and offsets.shape == (seg.shape[0], M + 1)
+  for b, row in enumerate(seg):
+    runs = _runs(row)
+    assert count[b] == len(runs)
+    if len(runs) > M:  # the caller falls back to the Pallas kernel; the last slot covers the rest of the row
+      runs = runs[:M - 1] + [(runs[M - 1][0], len(row) - runs[M - 1][0])]
+    want_len = [n for _, n in runs] + [-1] * (M - len(runs))
+    want_off = [s for s, _ in runs] + [-1] * (M + 1 - len(runs))
+    np.testing.assert_array_equal(seqlens[b], want_len)
+    np.testing.assert_array_equal(offsets[b], want_off)
+
+
+def _attention_from_offsets_fp64(q, k, v, seqlens, offsets):
+  """What cuDNN's packed causal attention computes: causal softmax inside [offset, offset + length) of each listed document."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  out = np.full_like(q, np.nan)  # a token no document covers stays NaN
+  for b in range(q.shape[0]):
+    for n, s in zip(seqlens[b], offsets[b]):
+      if n < 0:
+        continue
+      qs, ks, vs = q[b, s:s + n], k[b, s:s + n], v[b, s:s + n]
+      scores = np.einsum("tnh,snh->nts", qs, ks) / np.sqrt(q.shape[-1])
+      scores = np.where(np.tril(np.ones((n, n), bool))[None], scores, -np.inf)
+      p = np.exp(scores - scores.max(-1, keepdims=True))
+      out[b, s:s + n] = np.einsum("nts,snh->tnh", p / p.sum(-1, keepdims=True), vs)
+  return out
+
+
+def test_attention_from_the_cudnn_offsets_equals_the_reference():
+  """The lengths and offsets alone (all cuDNN sees of the documents) give the reference attention, padding included."""
+  q, k, v = _qkv(3)
+  for seg in (SEGMENTS, _random_segments(2, rows=B)):
+    seqlens, offsets, count = map(np.asarray, attention.document_seqlens_offsets(jnp.asarray(seg), 64))
+    assert count.max() <= 64
+    np.testing.assert_allclose(_attention_from_offsets_fp64(q, k, v, seqlens, offsets), _reference_fp64(q, k, v, seg),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_cudnn_kernel_lowered_for_cuda_receives_lengths_and_offsets_not_a_bias(monkeypatch):
+  """Lowers the train-step kernel (forward and backward) for CUDA on this CPU host and reads the cuDNN custom calls.
+
+  jax checks the local cuDNN version and GPU generation while tracing; there is
+  none here, so those three checks are stubbed as an H100 with cuDNN 9.10
+  would answer them. Nothing runs: only a GPU can confirm the kernel's numbers.
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  from jax.export import DisabledSafetyCheck
+  monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda capability: True)
+  monkeypatch.setattr(cudnn_fa, "is_cuda_compute_capability_equal", lambda capability: False)
+  Bc, Tc, Nc, Hc, M = 2, 256, 4, 64, 8
+  loss = lambda q, k, v, s: jnp.sum(attention._cudnn_kernel(q, k, v, s, max_segments=M).astype(jnp.float32))
+  qkv = jax.ShapeDtypeStruct((Bc, Tc, Nc, Hc), jnp.bfloat16)
+  targets = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__gpu$xla.gpu.triton")
+  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+                               disabled_checks=[DisabledSafetyCheck.custom_call(t) for t in targets])(
+                                   qkv, qkv, qkv, jax.ShapeDtypeStruct((Bc, Tc), jnp.int32))
+  calls = {}
+  for line in exported.mlir_module().splitlines():
+    m = re.search(r"custom_call @([\w$.]+)\(.*\} : \(([^)]*)\) ->", line)
+    if m:
+      calls.setdefault(m.group(1), []).append((m.group(2), line))
+  assert set(calls) == set(targets), sorted(calls)  # cuDNN forward and backward, and the Pallas fallback for > M documents
+  operands, line = calls["__cudnn$fmhaSoftmax"][0]
+  qkv_t, seqlen_t, offset_t = f"tensor<{Bc}x{Tc}x{Nc}x{Hc}xbf16>", f"tensor<{Bc}x{M}xi32>", f"tensor<{Bc}x{M + 1}xi32>"
+  # q, k, v, then q/kv lengths [B, M] and q/kv offsets [B, M+1]: no [B, N, T, S] bias operand, so no bias gradient.
+  assert [t.strip() for t in operands.split(",")] == [qkv_t] * 3 + [seqlen_t] * 2 + [offset_t] * 2
+  config = line.replace("\\22", '"')
+  for want in ('"mask_type": "CAUSAL"', f'"max_seg_per_batch": {M}', '"is_flash_attention": true', f'"fmha_scale": {Hc ** -0.5}'):
+    assert want in config, want
+
+
+# ---- auto, the config, the model ----
+
+def test_auto_resolves_to_the_flash_kernel_of_each_platform():
+  bf16, fp32 = ModelConfig(attention="auto", dtype="bfloat16"), ModelConfig(attention="auto")
+  assert [attention.resolve_attention(bf16, p) for p in ("gpu", "cuda", "tpu", "cpu")] == ["cudnn", "cudnn", "splash", "xla"]
+  assert attention.resolve_attention(fp32, "gpu") == "pallas"  # cuDNN's flash kernel takes only bf16/fp16
+  for impl in ("xla", "cudnn", "pallas", "splash"):
+    assert {attention.resolve_attention(ModelConfig(attention=impl), p) for p in ("gpu", "tpu", "cpu")} == {impl}
+
+
+def test_recipe_and_dry_run_name_a_flash_kernel_for_gpu():
+  from ar_lm_jax.cli import CONFIGS_DIR
+  from ar_lm_jax.config import apply_overrides, load_config
+  from ar_lm_jax.dry_run import dry_run
+  recipe = load_config("ar_stablelm_2_1_6b", CONFIGS_DIR)
+  assert recipe.model.attention == "auto"
+  assert attention.resolve_attention(recipe.model, "gpu") == "cudnn"
+  assert attention.resolve_attention(recipe.model, "tpu") == "splash"
+  tiny = apply_overrides(load_config("tiny", CONFIGS_DIR), {"mesh.data": "1", "model.dtype": "bfloat16"})
+  assert dry_run(tiny, memory_analysis=False)["attention"] == "cudnn"
+
+
+def test_config_checks_attention_and_splash_blocks():
+  with pytest.raises(ConfigError, match="model.attention"):
+    ModelConfig(attention="flash")
+  with pytest.raises(ConfigError, match="model.splash_block_kv"):
+    ModelConfig(splash_block_kv=100)
+  with pytest.raises(ConfigError, match="model.splash_block_q"):
+    Config(model=ModelConfig(attention="splash", max_position_embeddings=640), data=DataConfig(seq_len=640))
+  Config(model=ModelConfig(attention="splash", max_position_embeddings=640, splash_block_q=128, splash_block_kv=128,
+                           splash_block_q_dkv=128, splash_block_kv_dkv=128), data=DataConfig(seq_len=640))
+
+
+def test_model_with_splash_equals_model_with_reference():
+  """The whole StableLM forward on packed rows with model.attention=splash (interpret mode here) against xla."""
+  from ar_lm_jax.model import StableLM
+  cfg = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                    max_position_embeddings=T, attention="xla")
+  tokens = jax.random.randint(jax.random.key(4), (B, T), 0, 256)
+  seg = jnp.asarray(SEGMENTS)
+  positions = jnp.asarray([[t - s for s, n in _runs(row) for t in range(s, s + n)] for row in SEGMENTS])
+  params = jax.jit(StableLM(cfg).init)(jax.random.key(5), tokens, seg, positions)
+  forward = lambda c: jax.jit(StableLM(c).apply)(params, tokens, seg, positions)  # jitted: interpret mode is slow eagerly
+  want = forward(cfg)
+  got = forward(dataclasses.replace(cfg, attention="splash", splash_block_q=128, splash_block_kv=128))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

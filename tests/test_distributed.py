@@ -49,6 +49,16 @@ def test_srun_step_is_detected_and_left_to_jax(calls, monkeypatch):
                                   "initialization_timeout": 300}]
 
 
+def test_cloud_tpu_vm_is_detected_and_left_to_jax(calls, monkeypatch):
+  from jax._src import cloud_tpu_init
+  assert distributed.on_cloud_tpu_vm() is False  # this CPU host
+  monkeypatch.setattr(cloud_tpu_init, "running_in_cloud_tpu_vm", True)  # what `import jax` sets on a TPU VM
+  assert distributed.initialize() is True
+  # JAX's Cloud TPU cluster reads the workers and this host's index from the GCE metadata itself.
+  assert calls["initialize"] == [{"coordinator_address": None, "num_processes": None, "process_id": None,
+                                  "initialization_timeout": 300}]
+
+
 @pytest.mark.parametrize("drop,ntasks", [("SLURM_STEP_NODELIST", "16"), (None, "1")])
 def test_salloc_shell_and_single_task_steps_are_not_joined(calls, monkeypatch, drop, ntasks):
   # A shell inside `salloc -n 16` has the job's variables but no step: joining would wait forever.

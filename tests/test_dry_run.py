@@ -90,3 +90,81 @@ def test_bad_launch_exits_2_with_one_line(devices, flags, message, tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-3000:]
   assert proc.stdout == "" and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------
+# --target: the parts that need no libtpu (tests/test_tpu_compile.py compiles for real slices).
+
+
+def run_train_main(monkeypatch, capsys, argv):
+  """experiments.train's main in-process, through cli.run_main: (exit code, stdout, stderr)."""
+  from experiments import train as train_entry
+  monkeypatch.setattr(sys, "argv", ["train", *argv])
+  with pytest.raises(SystemExit) as exit_info:
+    from ar_lm_jax import cli
+    cli.run_main(train_entry.main)
+  out, err = capsys.readouterr()
+  return exit_info.value.code, out, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dry_run", "--target=v5p-15"], "--target: unknown TPU slice 'v5p-15'; known: v4-8,"),
+    (["--target=v5p-16"], "--target needs --dry_run"),
+])
+def test_bad_target_exits_2_with_one_line(argv, message, monkeypatch, capsys):
+  code, out, err = run_train_main(monkeypatch, capsys, argv)
+  assert code == 2 and out == ""
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_target_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
+  from ar_lm_jax import tpu_topology
+  monkeypatch.setattr(tpu_topology, "libtpu_installed", lambda: False)
+  code, out, err = run_train_main(monkeypatch, capsys, ["--dry_run", "--target=v5litepod-16"])
+  assert code == 2 and out == ""
+  assert err.strip() == f"error: {tpu_topology.INSTALL_HINT}"
+  assert "requirements-tpu.txt" in err
+
+
+def test_cloud_tpu_names_count_cores_on_v4_v5p_and_chips_on_v5e_v6e():
+  from ar_lm_jax import tpu_topology
+  expected = {  # name: (chips, hosts, libtpu topology), from the Cloud TPU docs' slice tables
+      "v4-8": (4, 1, "v4:2x2x1"), "v5p-8": (4, 1, "v5p:2x2x1"), "v5p-16": (8, 2, "v5p:2x2x2"),
+      "v5litepod-8": (8, 1, "v5e:2x4"), "v5litepod-16": (16, 4, "v5e:4x4"), "v6e-8": (8, 1, "v6e:2x4"),
+      "v6e-16": (16, 4, "v6e:4x4"), "v5p-128": (64, 16, "v5p:4x4x4"), "v6e-256": (256, 64, "v6e:16x16"),
+  }
+  got = {n: (s.chips, s.hosts, s.topology_name) for n, s in tpu_topology.SLICES.items() if n in expected}
+  assert got == expected
+  assert tpu_topology.lookup("v5p-128").wrap == (True, True, True) and tpu_topology.lookup("v5p-64").wrap == (False,) * 3
+
+
+@pytest.mark.parametrize("message,expected", [
+    # XLA:TPU's two out-of-memory forms (libtpu 0.0.42 prints the first); sizes are GiB
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (39.65G) "
+     "exceeds available HBM (15.75G).", (int(39.65 * 2**30), int(15.75 * 2**30))),
+    ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 512.00M of "
+     "15.75G hbm. Exceeded hbm capacity by 1.25G.", (512 * 2**20, int(15.75 * 2**30))),
+    ("INTERNAL: Mosaic failed to compile TPU kernel", None),
+])
+def test_out_of_memory_message_parses_to_bytes(message, expected):
+  from ar_lm_jax import tpu_topology
+  assert tpu_topology.parse_out_of_memory(message) == expected
+
+
+def test_tpu_peaks_for_mfu_come_from_the_chip_table():
+  from ar_lm_jax import perf, tpu_topology
+  for chip in tpu_topology.CHIPS.values():
+    assert perf.peak_flops_for_kind(chip.device_kind) == chip.peak_bf16_flops, chip
+
+
+def test_splash_config_builds_and_inits_off_tpu():
+  """Init traces a [1, 8] batch, which splash's 128-row tiles cannot cover: building must not call the kernel."""
+  from ar_lm_jax import train as train_lib
+  cfg = apply_overrides(load_config("tiny", CONFIGS_DIR), {"mesh.data": "1", "model.attention": "splash"})
+  report = dry_run.dry_run(cfg, memory_analysis=False)
+  assert report["params"] == 12_946_432 and report["attention"] == "splash"
+  setup = train_lib.build(cfg)
+  state = jax.eval_shape(lambda: train_lib.init_state(setup, 0))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), state["params"]) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), setup.abstract_state["params"])

@@ -30,8 +30,9 @@ def get_config() -> Config:
       name="ar_stablelm_2_1_6b",
       # bf16 compute, fp32 params (the card's bf16 training). Remat keeps only each block's attention
       # and MLP outputs: the dry run's CPU estimate is ~42 GB of temporaries per device with it (even
-      # with the XLA reference attention) against ~880 GB without, for an 80 GB H100.
-      model=ModelConfig(dtype="bfloat16", remat="save_attn_mlp_out"),
+      # with the XLA reference attention) against ~880 GB without, for an 80 GB H100. Attention `auto`:
+      # cuDNN flash attention with per-document lengths on GPU, splash on TPU, the reference on CPU.
+      model=ModelConfig(dtype="bfloat16", remat="save_attn_mlp_out", attention="auto"),
       data=DataConfig(seq_len=4096, batch_size=96),  # global batch 96 x 4096 = 393,216 tokens per step
       mesh=MeshConfig(data=16, model=1, shard_optimizer_over_data=True),  # 16 GPUs, ZeRO-1 (see above)
       optim=OptimConfig(

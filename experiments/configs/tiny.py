@@ -12,7 +12,7 @@ def get_config() -> Config:
   return Config(
       name="tiny",
       model=ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=176,
-                        max_position_embeddings=512),
+                        max_position_embeddings=512, attention="auto"),  # the reference on CPU, a flash kernel on GPU/TPU
       data=DataConfig(seq_len=128, batch_size=8, prefetch=2),
       optim=OptimConfig(
           init_lr=0.0,

@@ -391,3 +391,11 @@ def test_recipe_config_uses_the_ar_schedule():
   assert cfg.train.steps == 500_000
   assert cfg.optim.phases == optim.ar_stablelm2_phases()
   assert optim.phase_boundaries(cfg.optim, cfg.train.steps)[-1] == ("linear_decay", 300_000, 500_000)
+
+
+def test_plot_schedule_prints_the_recipe_without_plotting(capsys):
+  """The issue's check: the recipe's schedule shows the paper's 10k warmup and 5e-4 peak."""
+  assert plot_schedule.main(["--config=ar_stablelm_2_1_6b", "--print_steps=0,10000,300000,500000"]) == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed["0"] == 0.0 and printed["10000"] == pytest.approx(5e-4, rel=1e-6)
+  assert printed["300000"] == pytest.approx(1e-4, rel=1e-6) and printed["500000"] == pytest.approx(2.5e-6, rel=1e-6)

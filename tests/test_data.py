@@ -49,7 +49,8 @@ def corpus(tmp_path_factory):
 
 
 def cfg_for(*sources, **kw):
-  kw = {"seq_len": 16, "batch_size": 8, "prefetch": 0, **kw}
+  # 2 virtual shards keep these tests fast; tests/test_data_order.py and the inspect_data test use more.
+  kw = {"seq_len": 16, "batch_size": 8, "prefetch": 0, "virtual_shards": 2, **kw}
   return DataConfig(sources=tuple(sources), **kw)
 
 
@@ -249,7 +250,7 @@ def test_startup_errors_are_config_errors(corpus):
   with pytest.raises(ConfigError, match=r"data.sources\[1\] \(lang=ar.*matches no files"):
     data.make_train_iterator(cfg_for(SourceConfig(str(corpus / "en-0.jsonl"), "en"),
                                      SourceConfig(str(corpus / "missing-*.jsonl"), "ar")), seed=0)
-  with pytest.raises(ConfigError, match="does not split over 3 processes"):
+  with pytest.raises(ConfigError, match="virtual shards do not split over 3 processes"):
     data.make_train_iterator(cfg_for(SourceConfig(str(corpus / "en-0.jsonl"), "en")), seed=0, process_count=3)
   with pytest.raises(ConfigError, match="must be one of"):
     apply_overrides(Config(), {"data.sources": '[{"path": "x", "lang": "en", "format": "csv"}]'})

@@ -23,7 +23,9 @@ of train.seed and the saved iterator state.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -157,6 +159,33 @@ class _ProcessJsonHandler(ocp.handlers.JsonCheckpointHandler):
                      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None))
 
 
+def _read_data_states(directory: Path) -> list:
+  """Every process's data-iterator state of a checkpoint (`process_<i>-of-<n>.json`), in process order.
+
+  All of them, not only this process's: the data order is global (see `data`), so a run resumed on
+  another number of processes takes each virtual shard's state from whichever file holds it. Every
+  process reads every file, so all agree on whether the checkpoint is usable.
+  """
+  found = {}
+  for p in directory.glob("process_*-of-*.json"):
+    m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", p.name)
+    if m:
+      found[(int(m.group(1)), int(m.group(2)))] = p
+  counts = sorted({n for _, n in found})
+  if not counts:
+    raise _Unusable("its data item holds no iterator state")
+  if len(counts) > 1:
+    raise _Unusable(f"its data item holds iterator states of {counts} processes")
+  n = counts[0]
+  missing = [f"process_{i}-of-{n}.json" for i in range(n) if (i, n) not in found]
+  if missing:
+    raise _Unusable(f"its data item lacks {missing[0]}")
+  try:
+    return [json.loads(found[(i, n)].read_text()) for i in range(n)]
+  except (OSError, ValueError) as e:
+    raise _Unusable(f"cannot read its data state ({_short(e)})") from None
+
+
 @ocp.args.register_with_handler(_ProcessJsonHandler, for_save=True)
 @dataclasses.dataclass
 class _ProcessJsonSave(ocp.args.CheckpointArgs):
@@ -177,8 +206,9 @@ class _ProcessJsonRestore(ocp.args.CheckpointArgs):
 class Restored:
   step: int
   state: Any  # in the shardings asked for
-  data_state: dict  # this process's data-iterator state
+  data_state: Optional[dict]  # this process's data-iterator state (None when saved by another process count)
   config: dict  # the config the checkpoint was saved with
+  data_states: Optional[list] = None  # every saving process's data-iterator state, in process order
 
 
 class Checkpointer:
@@ -265,17 +295,13 @@ class Checkpointer:
                             "params-only checkpoint (a conversion?); start a run from it with checkpoint.init_from")
     if missing:
       raise _Unusable(f"its {', '.join(missing)} item(s) are missing")
-    files = sorted(p.name for p in (path / "data").glob("process_*-of-*.json"))
-    if _process_file() not in files:
-      if files:
-        raise CheckpointError(f"checkpoint step {step} holds data-iterator states {files}, saved by another number of "
-                              f"processes than this run's {jax.process_count()}: the data order cannot continue exactly")
-      raise _Unusable("its data item holds no iterator state")
+    data_states = _read_data_states(path / "data")
     try:
       small = self.manager.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore(), fingerprint=ocp.args.JsonRestore(), data=_ProcessJsonRestore()))
+          config=ocp.args.JsonRestore(), fingerprint=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - whatever the reader raises, this checkpoint cannot be used
-      raise _Unusable(f"cannot read its config, fingerprint or data state ({_short(e)})") from None
+      raise _Unusable(f"cannot read its config or fingerprint ({_short(e)})") from None
+    own = data_states[jax.process_index()] if len(data_states) == jax.process_count() else None
     try:
       saved = ocp.StandardCheckpointHandler().metadata(epath.Path(path / "state"))
       saved_shapes = {path_str(p): (tuple(m.shape), str(m.dtype))
@@ -290,7 +316,7 @@ class Checkpointer:
     bad = _mismatches(state, small["fingerprint"])
     if bad:
       raise _Unusable(f"{len(bad)} array(s) differ from the fingerprint taken when it was saved ({', '.join(bad[:3])})")
-    return Restored(step, state, small["data"], small["config"])
+    return Restored(step, state, own, small["config"], data_states)
 
   def _check_fits(self, step: int, saved: dict[str, tuple], target: Any) -> None:
     want = {path_str(p): (tuple(a.shape), str(a.dtype)) for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}

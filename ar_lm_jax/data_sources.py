@@ -12,16 +12,20 @@ A source (`SourceConfig`) is a file, a glob or a directory of one format:
 
 Everything a pipeline reads becomes a stream of *blocks*: a few dozen documents tokenized and
 concatenated, each followed by EOS, `{"tokens": int32[n], "lengths": int32[docs],
-"skipped": int64[len(SKIP_REASONS)]}`. Bad records never stop a run: they are dropped and counted
-per reason in `skipped`, which travels with the data so that the counts survive grain worker
-processes and checkpoints.
+"skipped": int64[len(SKIP_REASONS)], "ends": int64[]}`. Bad records never stop a run: they are
+dropped and counted per reason in `skipped`, which travels with the data so that the counts
+survive grain worker processes and checkpoints. They are counted in the first pass over a file
+only, so a record is counted once however many epochs re-read it. `ends` counts the passes over
+files (streamed) or over the shard's records (ArrayRecord) that ended in the block; dividing by
+`ends_per_pass` gives epochs.
 
-Per-host sharding: ArrayRecord records are dealt out by index (`records[p::P]`). Streamed files
-are dealt out whole when their count is a multiple of the process count, and otherwise every
-process reads every file and keeps records `i % P == p` (decompressing is cheap next to
-tokenizing, and this keeps hosts balanced).
+Sharding: a stream reads one of `num_shards` disjoint shards of a source (the pipeline's virtual
+shards, see `data`). ArrayRecord records are dealt out by index (`records[v::V]`). Streamed files
+are dealt out whole when their count is a multiple of the shard count, and otherwise every shard
+reads every file and keeps records `i % V == v` (decompressing is cheap next to tokenizing, and
+this keeps shards balanced).
 
-Order: ArrayRecord is shuffled globally, anew each epoch (grain's per-epoch index shuffle).
+Order: ArrayRecord is shuffled over the shard's records, anew each epoch (grain's per-epoch index shuffle).
 Streamed sources reshuffle their file order each epoch, read a few files at a time interleaved,
 and shuffle documents within windows of `DataConfig.shuffle_window`.
 """
@@ -29,7 +33,6 @@ and shuffle documents within windows of `DataConfig.shuffle_window`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import gzip
 import io
@@ -125,7 +128,7 @@ def _list_path(path: str) -> list[str]:
 
 
 def resolve_source(src: SourceConfig, index: int, tokenizer: Optional[Arcade100k] = None,
-                   label: Optional[str] = None) -> ResolvedSource:
+                   label: Optional[str] = None, min_documents: int = 1) -> ResolvedSource:
   """Lists a source's files and settles its format; raises ConfigError naming the source (or `label`)."""
   where = label or _describe(src, index)
   path = os.path.expanduser(src.path)
@@ -151,7 +154,7 @@ def resolve_source(src: SourceConfig, index: int, tokenizer: Optional[Arcade100k
   if fmt == "arrayrecord":
     _check_arrayrecord(resolved, where, tokenizer)
   else:
-    _probe(resolved, where)
+    _probe(resolved, where, min_documents)
   return resolved
 
 
@@ -172,23 +175,31 @@ def _check_arrayrecord(src: ResolvedSource, where: str, tokenizer: Optional[Arca
     raise ConfigError(f"{where}: the ArrayRecord shards hold no records")
 
 
-def _probe(src: ResolvedSource, where: str) -> None:
-  """Fails fast when the first records hold no usable document (a wrong text_field, say)."""
+def _probe(src: ResolvedSource, where: str, min_documents: int = 1) -> None:
+  """Fails fast when the first records hold no usable document (a wrong text_field, say), or when the
+  whole source holds fewer than `min_documents` (one per virtual shard, each of which reads its own)."""
   skipped = np.zeros(len(SKIP_REASONS), np.int64)
-  seen = 0
+  seen = usable = 0
   for path in src.files[:10]:
     if src.format == "parquet":
       _check_parquet_column(path, src.text_field, where)
     for item, _, _ in read_records(src, path, 0, 1):
       if isinstance(item, str):
-        return
-      if item != END_OF_FILE:
+        usable += 1
+        if usable >= min_documents:
+          return
+      elif item != END_OF_FILE:
         skipped[item] += 1
       seen += 1
       if seen >= _PROBE_RECORDS:
         break
     if seen >= _PROBE_RECORDS:
       break
+  if usable:
+    if seen >= _PROBE_RECORDS or len(src.files) > 10:
+      return  # not read to the end: it may hold more
+    raise ConfigError(f"{where}: holds {usable} usable document(s), fewer than the {min_documents} virtual shards "
+                      f"(data.virtual_shards) that each read their own; add documents or use fewer virtual shards")
   counts = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
   raise ConfigError(f"{where}: no usable document in its first {seen} records (skipped: {counts or 'none'}); "
                     f"check format={src.format!r} and text_field={src.text_field!r}")
@@ -373,11 +384,15 @@ class _FileShard:
 
 
 class _FileRecordsIterator(grain.DatasetIterator):
-  """Records of one file shard, then END_OF_FILE; the state is (record index, byte offset)."""
+  """Records of one file shard, then END_OF_FILE; the state is (record index, byte offset).
 
-  def __init__(self, src: ResolvedSource, file_shard: _FileShard):
+  Skip reasons are yielded in the first pass over the file only (`count_skips`), so that a bad
+  record is counted once, not once per epoch.
+  """
+
+  def __init__(self, src: ResolvedSource, file_shard: _FileShard, count_skips: bool = True):
     super().__init__()
-    self._src, self._fs = src, file_shard
+    self._src, self._fs, self._count_skips = src, file_shard, count_skips
     self._record = self._offset = 0
     self._phase = 0  # 0 reading, 1 file done (END_OF_FILE next), 2 finished
     self._reader: Optional[Iterator] = None
@@ -387,10 +402,9 @@ class _FileRecordsIterator(grain.DatasetIterator):
       if self._reader is None:
         fs = self._fs
         self._reader = read_records(self._src, fs.path, fs.shard, fs.num_shards, self._record, self._offset)
-      step = next(self._reader, None)
-      if step is not None:
-        item, self._record, self._offset = step
-        return item
+      for item, self._record, self._offset in self._reader:
+        if self._count_skips or isinstance(item, str):
+          return item
       self._phase = 1
     if self._phase == 1:
       self._phase = 2
@@ -416,12 +430,67 @@ class _FileRecordsIterator(grain.DatasetIterator):
 
 class _FileRecordsIterDataset(grain.IterDataset):
 
-  def __init__(self, src: ResolvedSource, file_shard: _FileShard):
+  def __init__(self, src: ResolvedSource, file_shard: _FileShard, count_skips: bool = True):
     super().__init__()
-    self._src, self._fs = src, file_shard
+    self._src, self._fs, self._count_skips = src, file_shard, count_skips
 
   def __iter__(self) -> _FileRecordsIterator:
-    return _FileRecordsIterator(self._src, self._fs)
+    return _FileRecordsIterator(self._src, self._fs, self._count_skips)
+
+
+class _ChainIterator(grain.DatasetIterator):
+  """The elements of iterable datasets[0], then datasets[1], ...; the state is (index, the current one's state)."""
+
+  def __init__(self, datasets: grain.MapDataset):
+    super().__init__()
+    self._datasets, self._index = datasets, 0
+    self._it: Optional[grain.DatasetIterator] = None
+
+  def __next__(self) -> Any:
+    while True:
+      if self._it is None:
+        self._it = self._datasets[self._index].__iter__()
+      try:
+        return next(self._it)
+      except StopIteration:
+        self._it.close()
+        self._it, self._index = None, self._index + 1
+
+  def get_state(self) -> dict[str, Any]:
+    return {"index": self._index, "inner": None if self._it is None else self._it.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if self._it is not None:
+      self._it.close()
+    self._index, self._it = int(state["index"]), None
+    if state["inner"] is not None:
+      self._it = self._datasets[self._index].__iter__()
+      self._it.set_state(state["inner"])
+
+  def close(self) -> None:
+    if self._it is not None:
+      self._it.close()
+    super().close()
+
+
+class _ChainIterDataset(grain.IterDataset):
+
+  def __init__(self, datasets: grain.MapDataset):
+    super().__init__()
+    self._datasets = datasets
+
+  def __iter__(self) -> _ChainIterator:
+    return _ChainIterator(self._datasets)
+
+
+class _OpenFile:
+  """grain map_with_index fn: the i-th file shard of the endless file sequence -> its records (skips counted in pass 0)."""
+
+  def __init__(self, src: ResolvedSource, files_per_pass: int):
+    self._src, self._files_per_pass = src, files_per_pass
+
+  def __call__(self, index: int, file_shard: _FileShard) -> _FileRecordsIterDataset:
+    return _FileRecordsIterDataset(self._src, file_shard, count_skips=index < self._files_per_pass)
 
 
 class TokenizeBlock:
@@ -434,72 +503,95 @@ class TokenizeBlock:
     texts = [r for r in records if isinstance(r, str)]
     reasons = np.array([r for r in records if isinstance(r, int) and r != END_OF_FILE], np.int64)
     skipped = np.bincount(reasons, minlength=len(SKIP_REASONS)).astype(np.int64)
+    ends = sum(1 for r in records if isinstance(r, int) and r == END_OF_FILE)
     ids = self.tokenizer.encode_batch(texts) if texts else []
     lengths = np.array([len(x) for x in ids], np.int32)
     flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
-    return _with_eos(flat, lengths, self.tokenizer.eos_id, skipped)
+    return _with_eos(flat, lengths, self.tokenizer.eos_id, skipped, ends)
 
 
 class DecodeBlock:
-  """grain batch_fn: ArrayRecord records (pre-tokenized documents) -> one block."""
+  """grain batch_fn: ArrayRecord records (pre-tokenized documents) -> one block.
 
-  def __init__(self, eos_id: int, n_vocab: int):
-    self.eos_id, self.n_vocab = eos_id, n_vocab
+  With `records_per_pass`, records come as (index in the endless stream, bytes): bad records are
+  counted in the first pass only, and the last record of each pass counts as a pass end.
+  """
 
-  def __call__(self, records: Sequence[bytes]) -> dict[str, np.ndarray]:
+  def __init__(self, eos_id: int, n_vocab: int, records_per_pass: Optional[int] = None):
+    self.eos_id, self.n_vocab, self.records_per_pass = eos_id, n_vocab, records_per_pass
+
+  def __call__(self, records: Sequence[bytes | tuple[int, bytes]]) -> dict[str, np.ndarray]:
     skipped = np.zeros(len(SKIP_REASONS), np.int64)
-    docs = []
+    docs, ends, n = [], 0, self.records_per_pass
     for r in records:
+      index, r = r if n else (0, r)
+      count = index < (n or 1)
+      ends += bool(n) and index % n == n - 1
       if len(r) % RECORD_DTYPE.itemsize:
-        skipped[_REASON["bad_record"]] += 1
+        skipped[_REASON["bad_record"]] += count
       elif not r:
-        skipped[_REASON["empty"]] += 1
+        skipped[_REASON["empty"]] += count
       else:
         docs.append(np.frombuffer(r, RECORD_DTYPE))
     lengths = np.array([len(d) for d in docs], np.int32)
     flat = np.concatenate(docs).astype(np.int32) if docs else np.zeros(0, np.int32)
     if flat.size and (flat.min() < 0 or flat.max() >= self.n_vocab):  # rare: find the offending documents
       ok = np.array([d.min() >= 0 and d.max() < self.n_vocab for d in docs])
-      skipped[_REASON["bad_record"]] += int((~ok).sum())
+      skipped[_REASON["bad_record"]] += int((~ok).sum())  # (pass 0 only would need indices per doc: rare enough)
       docs = [d for d, good in zip(docs, ok) if good]
       lengths = lengths[ok]
       flat = np.concatenate(docs).astype(np.int32) if docs else np.zeros(0, np.int32)
-    return _with_eos(flat, lengths, self.eos_id, skipped)
+    return _with_eos(flat, lengths, self.eos_id, skipped, ends)
 
 
-def _with_eos(flat: np.ndarray, lengths: np.ndarray, eos_id: int, skipped: np.ndarray) -> dict[str, np.ndarray]:
-  ends = np.cumsum(lengths)
-  tokens = np.insert(flat, ends, np.int32(eos_id)).astype(np.int32, copy=False)
-  return {"tokens": tokens, "lengths": lengths + 1, "skipped": skipped}
+def _with_eos(flat: np.ndarray, lengths: np.ndarray, eos_id: int, skipped: np.ndarray,
+              ends: int = 0) -> dict[str, np.ndarray]:
+  doc_ends = np.cumsum(lengths)
+  tokens = np.insert(flat, doc_ends, np.int32(eos_id)).astype(np.int32, copy=False)
+  return {"tokens": tokens, "lengths": lengths + 1, "skipped": skipped, "ends": np.int64(ends)}
 
 
-def _file_shards(src: ResolvedSource, process_index: int, process_count: int) -> list[_FileShard]:
-  if len(src.files) % process_count == 0:
-    return [_FileShard(f, 0, 1) for f in src.files[process_index::process_count]]
-  return [_FileShard(f, process_index, process_count) for f in src.files]
+def _with_index(index: int, record: bytes) -> tuple[int, bytes]:
+  return index, record
+
+
+def _file_shards(src: ResolvedSource, shard: int, num_shards: int) -> list[_FileShard]:
+  if len(src.files) % num_shards == 0:
+    return [_FileShard(f, 0, 1) for f in src.files[shard::num_shards]]
+  return [_FileShard(f, shard, num_shards) for f in src.files]
+
+
+def ends_per_pass(src: ResolvedSource, num_shards: int) -> int:
+  """How many `ends` a block stream of one of `num_shards` shards counts per pass over its part of the source."""
+  return 1 if src.format == "arrayrecord" else len(_file_shards(src, 0, num_shards))
 
 
 def block_dataset(src: ResolvedSource, tokenizer: Arcade100k, *, seed: int, shuffle: bool, shuffle_window: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """This process's endless (epoch after epoch) stream of blocks from one source."""
+                  shard: int = 0, num_shards: int = 1) -> grain.IterDataset:
+  """The endless (epoch after epoch) stream of blocks of shard `shard` of `num_shards` of one source."""
   if src.format == "arrayrecord":
     records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(src.files)))
-    if len(records) < process_count:
+    if len(records) < num_shards:
       raise ConfigError(f"data.sources[{src.index}] has {len(records)} records, fewer than the "
-                        f"{process_count} processes that each need a shard")
-    records = records[process_index::process_count]
+                        f"{num_shards} virtual shards (data.virtual_shards) that each need some")
+    records = records[shard::num_shards]
+    n = len(records)
     if shuffle:
       records = records.shuffle(seed=seed)
-    blocks = records.repeat().batch(DOCS_PER_BLOCK, batch_fn=DecodeBlock(tokenizer.eos_id, tokenizer.n_vocab))
+    records = records.repeat().map_with_index(_with_index)
+    blocks = records.batch(DOCS_PER_BLOCK, batch_fn=DecodeBlock(tokenizer.eos_id, tokenizer.n_vocab, n))
     return blocks.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-  shards = _file_shards(src, process_index, process_count)
+  shards = _file_shards(src, shard, num_shards)
   files = grain.MapDataset.source(shards)
   if shuffle and len(shards) > 1:
     files = files.shuffle(seed=seed)
-  files = files.repeat().map(functools.partial(_FileRecordsIterDataset, src))
-  # Each open file is read ahead on its own thread; a deep buffer saves a thread hand-off per record.
-  records = grain.experimental.InterleaveIterDataset(files, cycle_length=min(len(shards), _FILES_OPEN_PER_SOURCE),
-                                                     iter_buffer_size=_RECORDS_BUFFERED_PER_FILE)
+  files = files.repeat().map_with_index(_OpenFile(src, len(shards)))
+  if len(shards) == 1:  # one file: read it pass after pass in this thread (a thread per pass costs more)
+    records: grain.IterDataset = _ChainIterDataset(files)
+  else:
+    # Each open file is read ahead on its own thread; a deep buffer saves a thread hand-off per record.
+    records = grain.experimental.InterleaveIterDataset(files, cycle_length=min(len(shards), _FILES_OPEN_PER_SOURCE),
+                                                       iter_buffer_size=_RECORDS_BUFFERED_PER_FILE)
   if shuffle:
     records = grain.experimental.WindowShuffleIterDataset(records, window_size=shuffle_window, seed=seed)
   return records.batch(DOCS_PER_BLOCK, batch_fn=TokenizeBlock(tokenizer))

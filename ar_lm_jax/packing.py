@@ -57,7 +57,7 @@ def pack_rows(tokens: np.ndarray, doc_start: np.ndarray, seq_len: int) -> dict[s
 
 
 class _PackIterator(grain.DatasetIterator):
-  """Rows of one stream: `tokens`, `segment_ids`, `positions` [seq_len], `skipped` [reasons], `source` []."""
+  """Rows of one stream: `tokens`, `segment_ids`, `positions` [seq_len], `skipped` [reasons], `ends` [], `source` []."""
 
   def __init__(self, parent: grain.DatasetIterator, seq_len: int, source: int, name: str):
     super().__init__(parent)
@@ -126,6 +126,10 @@ class _PackIterator(grain.DatasetIterator):
     counted = (starts >= 0) & (starts < cut)
     np.add.at(skipped, starts[counted] // L, np.stack([b["skipped"] for b in blocks])[counted])
     rows["skipped"] = skipped
+    # Pass ends (epochs, see data_sources) travel the same way.
+    pass_ends = np.zeros(n_rows, np.int64)
+    np.add.at(pass_ends, starts[counted] // L, np.array([b.get("ends", 0) for b in blocks], np.int64)[counted])
+    rows["ends"] = pass_ends
     # Where each row (and the stream after the last one) starts: the block holding that token, or
     # the first block beginning exactly there (so empty blocks at a boundary are re-read on restore).
     at = np.arange(n_rows + 1, dtype=np.int64) * L

@@ -6,7 +6,6 @@ read after step N+1 has been dispatched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -31,14 +30,6 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def batch_hash(local_batch: dict) -> str:
-  """A cheap fingerprint of this process's batch, logged as `data/batch_hash` so runs can be compared batch by batch."""
-  h = hashlib.blake2b(digest_size=8)
-  for k in sorted(local_batch):
-    h.update(local_batch[k].tobytes())
-  return h.hexdigest()
-
-
 def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   """Trains `cfg` in `workdir`; returns a summary (first/last loss, steps, paths)."""
   workdir = Path(workdir).absolute()
@@ -56,7 +47,8 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   restored = ckpt.restore_latest(setup.abstract_state, setup.state_shardings)
   if restored is not None:
     state = restored.state
-    data_iter.set_state(restored.data_state)
+    # Every process's saved state: a run may resume on another process count (the data order is global).
+    data_iter.set_state(restored.data_states if restored.data_states is not None else restored.data_state)
     _say(f"resuming from checkpoint step {restored.step} in {ckpt.directory}")
   elif cfg.checkpoint.init_from:  # a fresh run (step 0, fresh optimizer) from given weights; a resume wins
     from ar_lm_jax import hf_io
@@ -82,10 +74,10 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   flops_per_token = perf.model_flops_per_token(cfg.model, cfg.data.seq_len)
   peak = perf.peak_flops_per_device()
   first_loss = last_loss = None
-  pending: Optional[tuple[int, dict, str, dict]] = None
+  pending: Optional[tuple[int, dict, dict]] = None
   t_last, step_last = time.perf_counter(), start_step
 
-  def report(step: int, metrics: dict, data_hash: str, data_stats: dict) -> None:
+  def report(step: int, metrics: dict, data_stats: dict) -> None:
     nonlocal first_loss, last_loss, t_last, step_last
     m = jax.device_get(metrics)
     loss = float(m["loss"])
@@ -98,8 +90,7 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
            "skipped_steps": int(m["skipped_steps"])}
     if peak:
       row["mfu"] = tps * flops_per_token / (peak * jax.device_count())
-    row.update(data_stats)
-    row["data/batch_hash"] = data_hash
+    row.update(data_stats)  # with data/batch_hash, the global batch's fingerprint
     writer.write(step, row)
     writer.progress(step, loss, tps)
 
@@ -122,7 +113,8 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
         report(*pending)
         pending = None
       if step % cfg.train.log_every == 0 or step == end_step:
-        pending = (step, metrics, batch_hash(local_batch), data_iter.stats())  # stats as of this step's batch
+        # Stats as of this step's batch, summed over processes (a collective: every process, same steps).
+        pending = (step, metrics, data_iter.stats())
       if bad.tripped:
         break
       if evaluator is not None and step % cfg.train.eval_every == 0:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -434,12 +435,20 @@ def offline() -> None:
 
 
 def task_manager(include_path: Optional[str | Sequence[str]] = None):
-  from lm_eval.tasks import TaskManager
+  """lm-eval's TaskManager over its own tasks plus `include_path`; built once per process and paths
+  (indexing lm-eval's thousands of task YAMLs takes seconds)."""
+  offline()
   paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path or [])
   for p in paths:
     if not Path(p).is_dir():
       raise HarnessError(f"--include_path: {p} is not a directory")
-  return TaskManager(include_path=[str(p) for p in paths] or None, verbosity="ERROR")
+  return _task_manager(tuple(str(Path(p).absolute()) for p in paths))
+
+
+@functools.lru_cache(maxsize=None)
+def _task_manager(paths: tuple[str, ...]):
+  from lm_eval.tasks import TaskManager
+  return TaskManager(include_path=list(paths) or None)
 
 
 def check_tasks(manager, tasks: Sequence[str]) -> None:
@@ -469,11 +478,13 @@ def evaluate_tasks(lm: ArLmJax, tasks: Sequence[str], *, manager=None, include_p
                    bootstrap_iters: int = 100000) -> dict:
   """lm-eval's `simple_evaluate` on process 0 (the others follow), its files written with `EvaluationTracker`.
 
-  Every process calls this; process 0 returns lm-eval's results dict, the others {}.
+  Every process calls this; process 0 returns lm-eval's results dict (with its "samples" when
+  `log_samples`), the others {}.
   """
   if not lm.engine.is_main:
     lm.engine.follow(lm.params)
     return {}
+  offline()
   import lm_eval
   from lm_eval.loggers import EvaluationTracker
   with lm.engine.leading():
@@ -490,9 +501,10 @@ def evaluate_tasks(lm: ArLmJax, tasks: Sequence[str], *, manager=None, include_p
       if message is None:
         raise
       raise HarnessError(message) from None
-  samples = results.pop("samples", None)
   if tracker is not None:
-    tracker.save_results_aggregated(results=results, samples=samples if log_samples else None)
+    samples = results.get("samples")
+    tracker.save_results_aggregated(results={k: v for k, v in results.items() if k != "samples"},
+                                    samples=samples if log_samples else None)
     if log_samples:
       for name in results["configs"]:
         tracker.save_results_samples(task_name=name, samples=samples[name])

@@ -32,9 +32,12 @@ backend reads from the exported config.json.
 Scoring is packed (as `evaluate.py` packs documents): request sequences go into
 rows of one bucket length (powers of two up to max_length) first-fit decreasing,
 each with its own segment id and positions from 0, so a packed request scores
-exactly as alone. The rows of a batch are sharded over the mesh's `data` axis,
-the params stay in the run's shardings, and every bucket length has one
-ahead-of-time compiled function. Identical sequences are scored once.
+exactly as alone. Only the scored positions (a continuation's few tokens, not
+the context) go through the LM head and the log-softmax over the 100352-row
+vocabulary. The rows of a batch are sharded over the mesh's `data` axis, the
+params stay in the run's shardings, and every bucket shape (row length, scored
+positions per row: powers of two) has one ahead-of-time compiled function.
+Identical sequences are scored once.
 
 Multi-host: lm-eval's request order is not deterministic across hosts, so only
 process 0 runs lm-eval. Every batch it scores (or generates) is first broadcast
@@ -73,9 +76,11 @@ from ar_lm_jax.config import ConfigError
 from ar_lm_jax.model import StableLM, lm_logits
 from ar_lm_jax.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
 
-ROW_KEYS = ("tokens", "segment_ids", "positions", "targets")
+ROW_KEYS = ("tokens", "segment_ids", "positions")  # [rows, T]: the packed inputs
+SCORE_KEYS = ("score_index", "score_targets")  # [rows, S]: the positions scored in each row and their next tokens
 MIN_BUCKET = 64  # shortest row length compiled; shorter requests share rows of this length
-SCORE_CHUNK = 512  # positions of LM head + log-softmax at once: [rows, T, V] fp32 logits never exist whole
+MIN_SCORED = 8  # fewest scored positions per row compiled
+SCORE_CHUNK = 512  # scored positions of LM head + log-softmax at once: [rows, S, V] fp32 logits never exist whole
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF default when a task sets no max_gen_toks
 OP_STOP, OP_SCORE, OP_GENERATE, OP_FAILED = 0, 1, 2, 3
 HEADER = 8  # int32 slots of the header process 0 broadcasts before every batch
@@ -89,9 +94,15 @@ class HarnessError(ConfigError):
 # Device side: per-token scores of packed rows, and generation, on every process.
 
 
-def token_scores(hidden_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.Array, dtype: str, chunk: int):
-  """(log p(target) [B, T] fp32, target == argmax of the logits [B, T]), `chunk` positions of logits at a time."""
-  B, T, D = hidden_BTD.shape
+def token_scores(hidden_BTD: jax.Array, head_DV: jax.Array, index_BS: jax.Array, targets_BS: jax.Array, dtype: str,
+                 chunk: int):
+  """(log p(target) [B, S] fp32, target == argmax of the logits [B, S]) at positions `index_BS` of each row.
+
+  Only the scored positions go through the LM head (a multiple-choice continuation is a few
+  tokens after a long context), `chunk` of them at a time.
+  """
+  hidden_BSD = jnp.take_along_axis(hidden_BTD, index_BS[..., None], axis=1)
+  B, T = targets_BS.shape
   C = math.gcd(T, chunk)
 
   def one(xs):
@@ -102,7 +113,7 @@ def token_scores(hidden_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.Arra
     return target_BC - lse_BC, jnp.argmax(logits_BCV, axis=-1) == t_BC
 
   split = lambda x: jnp.moveaxis(x.reshape(B, T // C, C, *x.shape[2:]), 1, 0)
-  logp_nBC, greedy_nBC = jax.lax.map(one, (split(hidden_BTD), split(targets_BT)))
+  logp_nBC, greedy_nBC = jax.lax.map(one, (split(hidden_BSD), split(targets_BS)))
   unsplit = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, T)
   return unsplit(logp_nBC), unsplit(greedy_nBC)
 
@@ -130,18 +141,22 @@ class Engine:
   def _score_fn(self, params, batch):
     hidden_BTD = self.model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"],
                                   return_hidden=True)
-    return token_scores(hidden_BTD, params["lm_head"]["kernel"], batch["targets"], self.model_cfg.dtype, SCORE_CHUNK)
+    return token_scores(hidden_BTD, params["lm_head"]["kernel"], batch["score_index"], batch["score_targets"],
+                        self.model_cfg.dtype, SCORE_CHUNK)
 
-  def compiled(self, length: int):
-    """The scoring function of rows of `length` tokens, compiled ahead of time on first use."""
-    if length not in self._compiled:
+  def compiled(self, length: int, scored: int):
+    """The scoring function of rows of `length` tokens with `scored` positions each, compiled ahead of time on first use."""
+    key = (length, scored)
+    if key not in self._compiled:
       replicated = NamedSharding(self.setup.mesh, P())
-      fn = jax.jit(self._score_fn, in_shardings=(self.setup.state_shardings["params"], {k: self._batch_sharding for k in ROW_KEYS}),
+      fn = jax.jit(self._score_fn, in_shardings=(self.setup.state_shardings["params"],
+                                                 {k: self._batch_sharding for k in ROW_KEYS + SCORE_KEYS}),
                    out_shardings=(replicated, replicated))
-      abstract = {k: jax.ShapeDtypeStruct((self.rows, length), jnp.int32) for k in ROW_KEYS}
+      abstract = {**{k: jax.ShapeDtypeStruct((self.rows, length), jnp.int32) for k in ROW_KEYS},
+                  **{k: jax.ShapeDtypeStruct((self.rows, scored), jnp.int32) for k in SCORE_KEYS}}
       with self.setup.activate():
-        self._compiled[length] = fn.lower(self.setup.abstract_state["params"], abstract).compile()
-    return self._compiled[length]
+        self._compiled[key] = fn.lower(self.setup.abstract_state["params"], abstract).compile()
+    return self._compiled[key]
 
   # Process 0 announces every batch; the others receive it in `follow`.
   def _header(self, *values: int) -> np.ndarray:
@@ -155,19 +170,21 @@ class Engine:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.broadcast_one_to_all(x, is_source=self.is_main))
 
-  def _run_score(self, params, rows_KRT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    batch = {k: jax.make_array_from_callback(rows_KRT[i].shape, self._batch_sharding, lambda idx, x=rows_KRT[i]: x[idx])
-             for i, k in enumerate(ROW_KEYS)}
-    logp_RT, greedy_RT = self.compiled(rows_KRT.shape[-1])(params, batch)
-    return np.asarray(logp_RT), np.asarray(greedy_RT)  # replicated: every process holds them whole
+  def _run_score(self, params, inputs_KRT: np.ndarray, scored_KRS: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    place = lambda x: jax.make_array_from_callback(x.shape, self._batch_sharding, lambda idx: x[idx])
+    batch = {**{k: place(inputs_KRT[i]) for i, k in enumerate(ROW_KEYS)},
+             **{k: place(scored_KRS[i]) for i, k in enumerate(SCORE_KEYS)}}
+    logp_RS, greedy_RS = self.compiled(inputs_KRT.shape[-1], scored_KRS.shape[-1])(params, batch)
+    return np.asarray(logp_RS), np.asarray(greedy_RS)  # replicated: every process holds them whole
 
   def score(self, params, rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-position log p(target) and greedy flags [rows, T] of one batch (process 0 in a multi-host run)."""
-    stacked_KRT = np.stack([rows[k] for k in ROW_KEYS]).astype(np.int32)
+    """log p(target) and greedy flags [rows, S] at each row's scored positions (process 0 in a multi-host run)."""
+    inputs_KRT = np.stack([rows[k] for k in ROW_KEYS]).astype(np.int32)
+    scored_KRS = np.stack([rows[k] for k in SCORE_KEYS]).astype(np.int32)
     if self.multi:
-      self._header(OP_SCORE, stacked_KRT.shape[-1])
-      stacked_KRT = self._bcast(stacked_KRT)
-    return self._run_score(params, stacked_KRT)
+      self._header(OP_SCORE, inputs_KRT.shape[-1], scored_KRS.shape[-1])
+      inputs_KRT, scored_KRS = self._bcast(inputs_KRT), self._bcast(scored_KRS)
+    return self._run_score(params, inputs_KRT, scored_KRS)
 
   def _run_generate(self, params, prompts_BP: np.ndarray, lengths_B: np.ndarray, max_new: int,
                     sampling: generate_lib.Sampling, seed: int) -> list[list[int]]:
@@ -215,7 +232,8 @@ class Engine:
       if op == OP_FAILED:
         raise HarnessError("process 0 failed during the harness evaluation (see its error)")
       if op == OP_SCORE:
-        self._run_score(params, self._bcast(np.zeros((len(ROW_KEYS), self.rows, args[0]), np.int32)))
+        self._run_score(params, self._bcast(np.zeros((len(ROW_KEYS), self.rows, args[0]), np.int32)),
+                        self._bcast(np.zeros((len(SCORE_KEYS), self.rows, args[1]), np.int32)))
       elif op == OP_GENERATE:
         width, max_new, top_k, seed = args[:4]
         temperature, top_p = self._bcast(np.zeros(2, np.float32)).tolist()
@@ -263,19 +281,42 @@ def pack_requests(lengths: Sequence[int], rows: int, bucket_lengths: Sequence[in
   return batches
 
 
-def rows_of(seqs: Sequence[Sequence[int]], placed: Sequence[tuple[int, int, int]], rows: int, length: int) -> dict[str, np.ndarray]:
-  """tokens/segment_ids/positions/targets [rows, length] of a packed batch; seqs[i] is input + one more target."""
+def rows_of(seqs: Sequence[Sequence[int]], n_scored: Sequence[int], placed: Sequence[tuple[int, int, int]], rows: int,
+            length: int) -> tuple[dict[str, np.ndarray], dict[int, tuple[int, int]]]:
+  """A packed batch: inputs [rows, length], scored positions [rows, S], and each request's (row, first slot in S).
+
+  seqs[i] is request i's input plus one more target; its last n_scored[i] input positions are scored.
+  S is the most positions any row scores, rounded up to a power of two (at most `length`).
+  """
   out = {k: np.zeros((rows, length), np.int32) for k in ROW_KEYS}
   segment = np.zeros(rows, np.int32)
+  used = np.zeros(rows, np.int64)
+  slots: dict[int, tuple[int, int]] = {}
+  index_of: list[list[np.ndarray]] = [[] for _ in range(rows)]
+  target_of: list[list[np.ndarray]] = [[] for _ in range(rows)]
   for i, r, start in placed:
     seq = np.asarray(seqs[i], np.int32)
-    n = len(seq) - 1
+    n, c = len(seq) - 1, n_scored[i]
     segment[r] += 1
     out["tokens"][r, start:start + n] = seq[:-1]
-    out["targets"][r, start:start + n] = seq[1:]
     out["segment_ids"][r, start:start + n] = segment[r]
     out["positions"][r, start:start + n] = np.arange(n)
-  return out
+    slots[i] = (r, int(used[r]))
+    index_of[r].append(np.arange(start + n - c, start + n))
+    target_of[r].append(seq[n - c + 1:])
+    used[r] += c
+  S = MIN_SCORED
+  while S < used.max():
+    S *= 2
+  S = min(S, length)
+  out["score_index"] = np.zeros((rows, S), np.int32)
+  out["score_targets"] = np.zeros((rows, S), np.int32)
+  for r in range(rows):
+    if index_of[r]:
+      k = int(used[r])
+      out["score_index"][r, :k] = np.concatenate(index_of[r])
+      out["score_targets"][r, :k] = np.concatenate(target_of[r])
+  return out, slots
 
 
 # ---------------------------------------------------------------------------
@@ -363,12 +404,13 @@ class ArLmJax(TemplateLM):
     index = [unique.setdefault((tuple(s), c), len(unique)) for s, c in zip(seqs, n_scored)]
     keys = list(unique)
     results: list[Optional[tuple[float, bool]]] = [None] * len(keys)
-    for length, placed in pack_requests([len(s) - 1 for s, _ in keys], self.engine.rows, self._buckets):
-      logp_RT, greedy_RT = self.engine.score(self.params, rows_of([s for s, _ in keys], placed, self.engine.rows, length))
-      for i, r, start in placed:
-        n, c = len(keys[i][0]) - 1, keys[i][1]
-        span = slice(start + n - c, start + n)
-        results[i] = (float(np.sum(logp_RT[r, span], dtype=np.float64)), bool(np.all(greedy_RT[r, span])))
+    seqs_u, scored_u = [s for s, _ in keys], [c for _, c in keys]
+    for length, placed in pack_requests([len(s) - 1 for s in seqs_u], self.engine.rows, self._buckets):
+      rows, slots = rows_of(seqs_u, scored_u, placed, self.engine.rows, length)
+      logp_RS, greedy_RS = self.engine.score(self.params, rows)
+      for i, (r, at) in slots.items():
+        span = slice(at, at + scored_u[i])
+        results[i] = (float(np.sum(logp_RS[r, span], dtype=np.float64)), bool(np.all(greedy_RS[r, span])))
     return [results[i] for i in index]
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:

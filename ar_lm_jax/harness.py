@@ -189,8 +189,9 @@ class Engine:
   def _run_generate(self, params, prompts_BP: np.ndarray, lengths_B: np.ndarray, max_new: int,
                     sampling: generate_lib.Sampling, seed: int) -> list[list[int]]:
     prompts = [row[:n].tolist() for row, n in zip(prompts_BP, lengths_B)]
-    with self.setup.activate():
-      return generate_lib.generate(params, self.model_cfg, prompts, max_new, sampling, jax.random.key(seed))
+    # Outside setup.activate(): without the logical-axis rules the batch is not constrained onto `data`, so the
+    # ids come out replicated and every process can read them (generate() reads them with np.asarray).
+    return generate_lib.generate(params, self.model_cfg, prompts, max_new, sampling, jax.random.key(seed))
 
   def generate(self, params, prompts: Sequence[Sequence[int]], max_new: int, sampling: generate_lib.Sampling,
                seed: int) -> list[list[int]]:

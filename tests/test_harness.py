@@ -225,3 +225,50 @@ def test_rolling_windows_are_lm_evals(ours):
     got = lm.score_sequences([(c + t)[-(lm.max_length + 1):] for c, t in windows], [len(t) for _, t in windows])
     assert sum(lp for lp, _ in got) == pytest.approx(s["resps"][0][0], rel=1e-6)
     assert math.isfinite(s["resps"][0][0])
+
+
+def run_two_processes(argv, timeout_s: int = 300) -> list[tuple[int, str, str]]:
+  """(exit code, stdout, stderr) of `python -m experiments.harness ARGV` as 2 processes over gloo; never waits
+  longer than `timeout_s` (both are killed, and the test fails, if they hang)."""
+  import portpicker
+  import subprocess
+  port = portpicker.pick_unused_port()
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen([sys.executable, "-m", "experiments.harness", *argv, f"--coordinator_address=127.0.0.1:{port}",
+                             "--num_processes=2", f"--process_id={i}"], cwd=REPO_ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  out = []
+  try:
+    for p in procs:
+      stdout, stderr = p.communicate(timeout=timeout_s)
+      out.append((p.returncode, stdout, stderr))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return out
+
+
+@pytest.mark.skipif(not os.environ.get("AR_LM_SLOW_TESTS"), reason="two processes that score and generate (~60 s); "
+                    "set AR_LM_SLOW_TESTS=1")
+@pytest.mark.parametrize("tasks", [["arlm_mc_ar", "arlm_gen"]])
+def test_two_processes_process_0_leads_and_scores_like_one(trained, ours, tasks):
+  """Process 0 runs lm-eval and broadcasts its batches; process 1 follows on the data axis they share."""
+  (code0, out0, err0), (code1, out1, err1) = run_two_processes(
+      [f"--workdir={trained[0]}", f"--tasks={','.join(tasks)}", f"--include_path={TASKS_DIR}", "--limit=3", "--batch_size=2"])
+  assert code0 == 0 and code1 == 0, err0[-2000:] + err1[-2000:]
+  assert [l for l in out1.splitlines() if not l.startswith("[Gloo]")] == []  # only process 0 prints (gloo logs its peers)
+  last = json.loads(out0.strip().splitlines()[-1])
+  _, mine = ours
+  for task in tasks:
+    samples = by_doc(mine["samples"][task])[:3]
+    metric = "acc" if task == "arlm_mc_ar" else "exact_match"
+    assert last["results"][task][f"{metric},none"] == pytest.approx(np.mean([s[metric] for s in samples]))
+
+
+def test_two_processes_a_failure_on_process_0_ends_both_with_exit_2(trained):
+  """A dataset missing from the cache fails on process 0 inside lm-eval; process 1, waiting for batches, is
+  released (STOP with the failure flag) and exits 2 too instead of waiting forever."""
+  (code0, _, err0), (code1, _, err1) = run_two_processes([f"--workdir={trained[0]}", "--tasks=arabicmmlu_stem"])
+  assert (code0, code1) == (2, 2), err0[-2000:] + err1[-2000:]
+  assert "MBZUAI/ArabicMMLU" in err0 and "process 0 failed" in err1

@@ -229,6 +229,10 @@ class TrainConfig:
   max_bad_steps: int = 10  # consecutive non-finite steps after which the run stops
   stop_after: int = 0  # stop (and checkpoint) at this step without changing the schedule train.steps sets, e.g. to fit a job's time limit; 0: run to train.steps
   progress: bool = True  # show a console progress bar
+  harness_every: int = 0  # run lm-eval's train.harness_tasks on the live params every N steps (needs lm-eval installed); 0 disables
+  harness_tasks: tuple[str, ...] = ()  # lm-eval task or group names for the in-training harness (docs/harness.md)
+  harness_include_path: Optional[str] = None  # a directory of extra lm-eval task YAMLs for train.harness_tasks
+  harness_limit: int = 0  # documents per task in the in-training harness (lm-eval's --limit); 0: all
 
   def __post_init__(self):
     _check(self.steps >= 0, "train.steps", "must be >= 0")
@@ -237,6 +241,8 @@ class TrainConfig:
     _check(self.loss_chunk_size >= 0, "train.loss_chunk_size", "must be >= 0")
     _check(self.max_bad_steps > 0, "train.max_bad_steps", "must be positive")
     _check(self.stop_after >= 0, "train.stop_after", "must be >= 0")
+    _check(self.harness_every >= 0 and self.harness_limit >= 0, "train.harness_every", "harness_every and harness_limit must be >= 0")
+    _check(not self.harness_every or len(self.harness_tasks) > 0, "train.harness_tasks", "train.harness_every is set but no tasks are named")
 
 
 @dataclasses.dataclass(frozen=True)

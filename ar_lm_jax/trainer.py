@@ -68,6 +68,10 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
 
   # Held-out sets read, packed and the eval function compiled once, before the loop.
   evaluator = evaluate_lib.TrainEvaluator(setup) if cfg.train.eval_every else None
+  harness = None
+  if cfg.train.harness_every:  # lm-eval is imported only when asked for: training never needs it
+    from ar_lm_jax import harness as harness_lib
+    harness = harness_lib.TrainHarness(setup)
   writer = MetricsWriter(workdir, enabled=is_main, total_steps=cfg.train.steps, progress=cfg.train.progress)
   writer.start_at(start_step)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -122,6 +126,11 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
         t_eval = time.perf_counter()
         writer.write(step, evaluator(state["params"]))
         t_last += time.perf_counter() - t_eval  # keep eval time out of the next tokens_per_sec
+      if harness is not None and step % cfg.train.harness_every == 0:
+        jax.block_until_ready(state)
+        t_harness = time.perf_counter()
+        writer.write(step, harness(state["params"], step))  # {} on processes other than 0, which only follow
+        t_last += time.perf_counter() - t_harness  # keep the harness's time out of the next tokens_per_sec
       if ckpt.due(step) and bad.finite_at(step, finite):
         ckpt.save(step, state, data_iter.get_state())
     if pending is not None:

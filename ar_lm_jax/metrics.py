@@ -103,7 +103,10 @@ class MetricsWriter:
       self._tb_tried = True
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=self._purge_step)
+        # purge_step: TensorBoard drops the events of earlier files at and past it (a resume retrains them).
+        # The suffix keeps two starts within one second (same host) from writing the same file name.
+        self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=self._purge_step,
+                                 filename_suffix=f".{os.getpid()}.{self._purge_step or 0}")
       except Exception:  # noqa: BLE001 - a missing or broken optional dependency never stops training
         self._tb = None
 

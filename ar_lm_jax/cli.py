@@ -66,9 +66,27 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
   return apply_overrides(cfg, overrides), args
 
 
+def _quiet_reader_noise(previous: Callable) -> Callable:
+  """A sys.unraisablehook that drops what orbax's readers leave behind when one read of a damaged checkpoint
+  fails: orbax closes its event loop while tensorstore still completes the other reads, each completion
+  reports `RuntimeError: Event loop is closed`, and the abandoned coroutines report at exit. None of it
+  says more than the one-line error; everything else still goes to `previous`."""
+
+  def hook(unraisable) -> None:
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    if sys.is_finalizing() and type(unraisable.object).__name__ == "coroutine":
+      return
+    previous(unraisable)
+
+  return hook
+
+
 def run_main(main: Callable[[], Any]) -> None:
   """Runs `main`, mapping bad input (a ConfigError, UsageError or TokenizerError) to exit 2 with a one-line message."""
   from ar_lm_jax.tokenizer import TokenizerError  # a missing or malformed ranks file is bad input too
+  sys.unraisablehook = _quiet_reader_noise(sys.unraisablehook)
   try:
     code = main()
   except (ConfigError, UsageError, TokenizerError) as e:

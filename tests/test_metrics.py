@@ -73,21 +73,21 @@ def test_merged_rows_and_a_resume_at_the_last_row_change_nothing(tmp_path):
 
 
 def test_trainer_resume_after_a_lost_checkpoint_logs_each_step_once_like_one_run(tmp_path):
-  """Steps 1..6 with checkpoints at 3 and 6; step 6's checkpoint is lost (a kill before it was saved), the rerun
-  trains 4..6 again: the file must read like the uninterrupted run, eval rows included."""
+  """Steps 1..4 with checkpoints at 2 and 4; step 4's checkpoint is lost (a kill before it was saved), the rerun
+  trains 3..4 again: the file must read like the uninterrupted run, eval rows included."""
   cfg = apply_overrides(load_config("tiny", cli.CONFIGS_DIR), {
-      "train.steps": 6, "train.log_every": 1, "train.eval_every": 3, "train.eval_max_docs": 2,
-      "train.progress": False, "checkpoint.every_steps": 3, "checkpoint.async_save": False})
+      "data.seq_len": 64, "data.batch_size": 4, "train.steps": 4, "train.log_every": 1, "train.eval_every": 2,
+      "train.eval_max_docs": 2, "train.progress": False, "checkpoint.every_steps": 2, "checkpoint.async_save": False})
   once = tmp_path / "once"
   trainer.run(cfg, once)
   reference = rows(once)
-  assert [r["step"] for r in reference] == list(range(1, 7)) and "eval/en/loss" in reference[2]
+  assert [r["step"] for r in reference] == list(range(1, 5)) and "eval/en/loss" in reference[1]
   resumed = tmp_path / "resumed"
   shutil.copytree(once, resumed)
-  shutil.rmtree(resumed / "checkpoints" / "6")
+  shutil.rmtree(resumed / "checkpoints" / "4")
   trainer.run(cfg, resumed)
   again = rows(resumed)
-  assert [r["step"] for r in again] == list(range(1, 7))
+  assert [r["step"] for r in again] == list(range(1, 5))
   strip = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")}
   assert [strip(r) for r in again] == [strip(r) for r in reference]  # bitwise resume: the same numbers
-  assert tensorboard_steps(resumed / "tensorboard", "loss") == list(range(1, 7))
+  assert tensorboard_steps(resumed / "tensorboard", "loss") == list(range(1, 5))

@@ -157,6 +157,10 @@ def train_workdir(path: str | Path, is_main: bool = True) -> Iterator[Path]:
     p.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UsageError(f"--workdir: cannot create {p} ({e.strerror or e})") from None
+  import jax
+  if jax.process_count() > 1:  # no process writes into it before every process has checked it (same answer)
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("ar_lm_jax_workdir_checked")
   try:
     yield p
   except BaseException:

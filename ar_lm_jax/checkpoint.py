@@ -14,7 +14,8 @@ The fingerprint catches those. It is a wrapping uint32 sum,
 the same on any mesh, so a restore onto another mesh checks it too.
 
 Nothing is deleted except by the keep policy: an unfinished save or a damaged checkpoint is renamed
-to `<name>.partial-<time>` / `<step>.corrupt-<time>` with a warning.
+to `<name>.partial-<time>` / `<step>.corrupt-<time>` with a warning, and only the newest
+checkpoint.keep_aside of each kind are kept.
 
 The state holds no RNG: nothing after init is random (no dropout), and the data order is a function
 of train.seed and the saved iterator state.
@@ -353,6 +354,7 @@ class Checkpointer:
         n += 1
         new = new.with_name(f"{name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
       os.replace(path, new)
+      prune_aside(self.directory, self.cfg.checkpoint.keep_aside)  # damage that recurs must not fill the disk
     _sync(f"ar_lm_jax_move_aside_{name}_done")
     self.manager.reload()
     return new
@@ -398,13 +400,56 @@ def saved_config(directory: str | Path, step: Optional[int] = None) -> tuple[int
     raise CheckpointError(f"the config saved in {directory}/{step} no longer parses: {e}") from None
 
 
-def restore_params(directory: str | Path, step: int, cfg: config_lib.Config, shardings: Any = None) -> Any:
+def read_fingerprints(directory: str | Path, step: int) -> dict[str, int]:
+  """{leaf path: checksum} saved with checkpoint `step` of a checkpoints folder; CheckpointError when it has none."""
+  path = Path(directory) / str(step) / "fingerprint"
+  if not path.is_dir():
+    raise CheckpointError(f"checkpoint {Path(directory) / str(step)} has no fingerprint item, so its arrays cannot "
+                          "be checked; refusing to read it")
+  try:
+    saved = ocp.handlers.JsonCheckpointHandler().restore(epath.Path(path))
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"cannot read the fingerprint of checkpoint {Path(directory) / str(step)} ({_short(e)})") from None
+  if not isinstance(saved, dict):
+    raise CheckpointError(f"the fingerprint of checkpoint {Path(directory) / str(step)} is not a JSON object")
+  return saved
+
+
+def verify_params(directory: str | Path, step: int, params: Any, saved: Optional[dict[str, int]] = None) -> None:
+  """Raises CheckpointError naming the step and the arrays when `params` (all of a checkpoint's params, or
+  any subtree of them as read by a streaming export) differ from the fingerprints saved with them.
+
+  Every reader of our checkpoints outside training goes through here (evaluate, generate, the notebook,
+  init_from, the export), so a damaged checkpoint is refused the same way everywhere."""
+  saved = read_fingerprints(directory, step) if saved is None else saved
+  now = fingerprints({"params": params})
+  bad = [k for k, v in now.items() if saved.get(k) != v]
+  if bad:
+    raise CheckpointError(f"checkpoint step {step} in {directory} is damaged: {len(bad)} param array(s) differ from "
+                          f"the fingerprint taken when it was saved ({', '.join(bad[:3])}); refusing to read it")
+
+
+def restore_params(directory: str | Path, step: int, cfg: config_lib.Config, shardings: Any = None,
+                   only: Optional[list[tuple]] = None) -> Any:
   """The params (only; the optimizer state is never read) of a checkpoint: in `shardings`, or as host numpy
-  arrays when None. Checked against the fingerprint saved with them."""
+  arrays when None. Checked against the fingerprint saved with them (`verify_params`); an unreadable or
+  damaged checkpoint raises CheckpointError.
+
+  `only` (leaf paths inside the params, host arrays only) reads just those leaves, for a streaming export."""
   import flax.linen as nn
   from ar_lm_jax.model import abstract_params
   path = Path(directory) / str(step)
+  saved = read_fingerprints(directory, step)  # before the long read: a checkpoint without one is refused at once
   abstract = nn.meta.unbox(abstract_params(cfg.model))
+  if only is not None:
+    assert shardings is None, "a partial read gives host arrays"
+    flat = {tuple(_key_str(k) for k in p): a for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    abstract = {}
+    for leaf in only:
+      node = abstract
+      for k in leaf[:-1]:
+        node = node.setdefault(k, {})
+      node[leaf[-1]] = flat[tuple(leaf)]
   if shardings is None:
     item = jax.tree.map(lambda _: 0, abstract)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
@@ -415,19 +460,27 @@ def restore_params(directory: str | Path, step: int, cfg: config_lib.Config, sha
     out = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
         epath.Path(path / "state"),
         args=ocp.args.PyTreeRestore(item={"params": item}, restore_args={"params": restore_args}, partial_restore=True))
-  except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"cannot read the params of checkpoint {path} ({_short(e)})") from None
+  except Exception as e:  # noqa: BLE001 - whatever the reader raises (a truncated chunk), this checkpoint cannot be used
+    raise CheckpointError(f"cannot read the params of checkpoint step {step} in {directory} ({_short(e)})") from None
   params = out["params"]
-  if (path / "fingerprint").is_dir():
-    try:
-      saved = ocp.handlers.JsonCheckpointHandler().restore(epath.Path(path / "fingerprint"))
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"cannot read the fingerprint of checkpoint {path} ({_short(e)})") from None
-    bad = [k for k in _mismatches({"params": params}, saved) if k in saved]
-    if bad:
-      raise CheckpointError(f"checkpoint {path}: {len(bad)} param array(s) differ from the fingerprint taken when "
-                            f"it was saved ({', '.join(bad[:3])})")
+  verify_params(directory, step, params, saved)
   return params
+
+
+def prune_aside(directory: str | Path, keep: int) -> list[Path]:
+  """Deletes all but the newest `keep` moved-aside `.partial-*` and `.corrupt-*` directories (each kind counted
+  on its own, by the time in their names); returns what it deleted. Process 0 only, like the moves."""
+  import shutil
+  removed = []
+  if jax.process_index() != 0:
+    return removed
+  for tag in ("partial", "corrupt"):
+    aside = sorted((p for p in Path(directory).glob(f"*.{tag}-*") if p.is_dir()),
+                   key=lambda p: (p.name.split(f".{tag}-", 1)[1], p.name))
+    for p in aside[:max(len(aside) - keep, 0)]:
+      shutil.rmtree(p, ignore_errors=True)
+      removed.append(p)
+  return removed
 
 
 # ---------------------------------------------------------------------------

@@ -8,9 +8,12 @@ stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ar_lm_jax.config import REPO_ROOT, Config, ConfigError, apply_overrides, load_config
 
@@ -63,11 +66,30 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
   return apply_overrides(cfg, overrides), args
 
 
+def _quiet_reader_noise(previous: Callable) -> Callable:
+  """A sys.unraisablehook that drops what orbax's readers leave behind when one read of a damaged checkpoint
+  fails: orbax closes its event loop while tensorstore still completes the other reads, each completion
+  reports `RuntimeError: Event loop is closed`, and the abandoned coroutines report at exit. None of it
+  says more than the one-line error; everything else still goes to `previous`."""
+
+  def hook(unraisable) -> None:
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    if sys.is_finalizing() and type(unraisable.object).__name__ == "coroutine":
+      return
+    previous(unraisable)
+
+  return hook
+
+
 def run_main(main: Callable[[], Any]) -> None:
-  """Runs `main`, mapping bad input to exit 2 with a one-line message."""
+  """Runs `main`, mapping bad input (a ConfigError, UsageError or TokenizerError) to exit 2 with a one-line message."""
+  from ar_lm_jax.tokenizer import TokenizerError  # a missing or malformed ranks file is bad input too
+  sys.unraisablehook = _quiet_reader_noise(sys.unraisablehook)
   try:
     code = main()
-  except (ConfigError, UsageError) as e:
+  except (ConfigError, UsageError, TokenizerError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
   sys.exit(int(code or 0))
@@ -85,3 +107,77 @@ def existing_path(text: str, flag: str) -> Path:
   if not p.exists():
     raise UsageError(f"{flag}: {text} does not exist")
   return p
+
+
+# What a run writes in its workdir (trainer.py); a failed start that wrote nothing else is removed again.
+RUN_OUTPUTS = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard")
+
+
+def check_workdir(path: str | Path) -> bool:
+  """Refuses (UsageError) a --workdir that is a file, or a non-empty directory that is not one of our runs
+  (a Hugging Face export, a data folder: training would overwrite its config.json). Returns whether it exists.
+
+  A run of ours: its config.json is a run config (sections model, train, checkpoint), or, without one,
+  it holds our checkpoints/ or metrics.jsonl."""
+  p = Path(path)
+  if p.exists() and not p.is_dir():
+    raise UsageError(f"--workdir: {p} exists and is not a directory")
+  if not p.is_dir():
+    return False
+  try:
+    entries = {e.name for e in p.iterdir()}
+  except OSError as e:
+    raise UsageError(f"--workdir: cannot read {p} ({e.strerror or e})") from None
+  if not entries:
+    return True
+  if "config.json" in entries:
+    try:
+      saved = json.loads((p / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+      saved = None
+    if isinstance(saved, dict) and {"model", "train", "checkpoint"} <= set(saved) and "model_type" not in saved:
+      return True
+    raise UsageError(f"--workdir: {p} holds a config.json that is not a run config of ours (a Hugging Face export?); "
+                     "training would overwrite it: give a new or empty directory, or one of our runs")
+  if entries & {"checkpoints", "metrics.jsonl"}:
+    return True
+  raise UsageError(f"--workdir: {p} is not empty and not a run of ours ({', '.join(sorted(entries)[:3])}"
+                   f"{', ...' if len(entries) > 3 else ''}): give a new or empty directory, or one of our runs")
+
+
+@contextlib.contextmanager
+def train_workdir(path: str | Path, is_main: bool = True) -> Iterator[Path]:
+  """`check_workdir`, then creates it; when the block raises before anything was trained or saved (a failed
+  start: bad data, a bad tokenizer), process 0 removes what the start wrote, so no empty run is left behind.
+  A directory that existed before is never removed, only what this start added to an empty one."""
+  p = Path(path)
+  existed = check_workdir(p)
+  was_empty = existed and not any(p.iterdir())
+  try:
+    p.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"--workdir: cannot create {p} ({e.strerror or e})") from None
+  import jax
+  if jax.process_count() > 1:  # no process writes into it before every process has checked it (same answer)
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("ar_lm_jax_workdir_checked")
+  try:
+    yield p
+  except BaseException:
+    if is_main and (not existed or was_empty) and not _trained_anything(p):
+      if existed:
+        for name in RUN_OUTPUTS:
+          q = p / name
+          shutil.rmtree(q, ignore_errors=True) if q.is_dir() else q.unlink(missing_ok=True)
+      else:
+        shutil.rmtree(p, ignore_errors=True)
+    raise
+
+
+def _trained_anything(p: Path) -> bool:
+  """Whether a checkpoint step or a metrics row exists: then a failure is a failed run, kept for inspection."""
+  metrics = p / "metrics.jsonl"
+  if metrics.is_file() and metrics.stat().st_size > 0:
+    return True
+  ckpts = p / "checkpoints"
+  return ckpts.is_dir() and any(q.name[0].isdigit() for q in ckpts.iterdir())

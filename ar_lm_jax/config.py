@@ -235,7 +235,7 @@ class TrainConfig:
   harness_limit: int = 0  # documents per task in the in-training harness (lm-eval's --limit); 0: all
 
   def __post_init__(self):
-    _check(self.steps >= 0, "train.steps", "must be >= 0")
+    _check(self.steps > 0, "train.steps", f"must be >= 1 (a run of {self.steps} steps trains nothing), got {self.steps}")
     _check(self.log_every > 0, "train.log_every", "must be positive")
     _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
     _check(self.loss_chunk_size >= 0, "train.loss_chunk_size", "must be >= 0")
@@ -250,6 +250,7 @@ class CheckpointConfig:
   every_steps: int = 0  # save every N steps (0: only at the end and on preemption)
   keep: int = 3  # most recent checkpoints kept
   keep_every: int = 0  # additionally keep every step that is a multiple of this forever (0: none)
+  keep_aside: int = 2  # newest moved-aside .partial-* and .corrupt-* directories kept (each kind) for inspection; older ones are deleted
   async_save: bool = True  # write in the background so the train loop does not wait for disk
   stop_check_every: int = 10  # steps between the processes' agreement on a SIGTERM/SIGINT stop (multi-process runs; one process checks every step)
   init_from: Optional[str] = None  # fresh-run weights: an HF StableLm dir or one of our workdirs (latest step); a resume wins
@@ -258,6 +259,7 @@ class CheckpointConfig:
     _check(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     _check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(self.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
+    _check(self.keep_aside >= 0, "checkpoint.keep_aside", "must be >= 0")
     _check(self.stop_check_every > 0, "checkpoint.stop_check_every", "must be positive")
     _check(not (self.keep_every and self.every_steps) or self.keep_every % self.every_steps == 0, "checkpoint.keep_every",
            f"{self.keep_every} is not a multiple of checkpoint.every_steps={self.every_steps}, so no saved step would be kept")
@@ -362,10 +364,18 @@ def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
     if k not in names:
       raise ConfigError(f"{key}: unknown config key (valid keys: {', '.join(sorted(names))})")
     kwargs[k] = _coerce(v, hints[k], key)
+  missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+             and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise ConfigError(f"{prefix or cls.__name__}: missing required key(s) {', '.join(missing)}")
   try:
     return cls(**kwargs)
-  except TypeError as e:  # a required field is missing
+  except TypeError as e:
     raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+  except ConfigError as e:  # an element of a list (data.sources[1]): say which one
+    if "[" not in prefix or str(e).startswith(prefix):
+      raise
+    raise ConfigError(f"{prefix}: {e}") from None
 
 
 def parse_value(text: str) -> Any:

@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -41,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ar_lm_jax import checkpoint as checkpoint_lib
 from ar_lm_jax import data_sources, sharding
 from ar_lm_jax import train as train_lib
-from ar_lm_jax.config import REPO_ROOT, Config, ConfigError
+from ar_lm_jax.config import REPO_ROOT, Config, ConfigError, SourceConfig
 from ar_lm_jax.tokenizer import Arcade100k, load_tokenizer
 
 ROW_KEYS = ("tokens", "segment_ids", "positions")
@@ -176,35 +177,74 @@ def group_by_lang(records: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 def read_jsonl(path: str | Path, max_docs: Optional[int] = None) -> list[tuple[str, str]]:
-  """(lang, text) of the records of a JSONL file with "text" and "lang" fields, the first `max_docs` per language."""
+  """(lang, text) of the records of a JSONL file (plain, .gz or .zst, decompressed like training's sources)
+  with "text" and "lang" fields, the first `max_docs` per language."""
   path = Path(path)
   if not path.is_file():
     raise EvalError(f"--data: {path} is not a file")
   out = []
   per_lang: dict[str, int] = {}
-  with open(path, "rb") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line.decode("utf-8"))
-      except UnicodeDecodeError:
-        raise EvalError(f"{path}:{lineno}: not valid UTF-8") from None
-      except json.JSONDecodeError as e:
-        raise EvalError(f"{path}:{lineno}: not valid JSON ({e})") from None
-      if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not isinstance(record.get("lang"), str):
-        raise EvalError(f"{path}:{lineno}: expected an object with string fields \"text\" and \"lang\"")
-      try:
-        record["text"].encode("utf-8")
-      except UnicodeEncodeError:  # a JSON escape of a lone surrogate
-        raise EvalError(f"{path}:{lineno}: the text is not valid Unicode (a lone surrogate)") from None
-      lang = record["lang"]
-      if max_docs is None or per_lang.get(lang, 0) < max_docs:
-        per_lang[lang] = per_lang.get(lang, 0) + 1
-        out.append((lang, record["text"]))
+  f, _ = data_sources._open_binary(str(path))  # the readers' own decompression (gzip/zstd sniffed from the bytes)
+  lineno = 0
+  with f:
+    try:
+      for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+          raise EvalError(f"{path}:{lineno}: not valid UTF-8") from None
+        except json.JSONDecodeError as e:
+          raise EvalError(f"{path}:{lineno}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not isinstance(record.get("lang"), str):
+          raise EvalError(f"{path}:{lineno}: expected an object with string fields \"text\" and \"lang\" "
+                          "(or give --lang to score every document as one language)")
+        try:
+          record["text"].encode("utf-8")
+        except UnicodeEncodeError:  # a JSON escape of a lone surrogate
+          raise EvalError(f"{path}:{lineno}: the text is not valid Unicode (a lone surrogate)") from None
+        lang = record["lang"]
+        if max_docs is None or per_lang.get(lang, 0) < max_docs:
+          per_lang[lang] = per_lang.get(lang, 0) + 1
+          out.append((lang, record["text"]))
+    except (EOFError, OSError, ValueError) as e:  # a truncated or corrupt .gz/.zst (zstd raises ZstdError, a ValueError)
+      if isinstance(e, EvalError):
+        raise
+      raise EvalError(f"{path}: cannot decompress it after line {lineno} ({type(e).__name__}: {e}); "
+                      "is the file truncated?") from None
   if not out:
     raise EvalError(f"{path}: no documents")
   return out
+
+
+def read_documents(path: str | Path, lang: Optional[str] = None, max_docs: Optional[int] = None) -> list[tuple[str, str]]:
+  """(lang, text) pairs of `--data`: any format training reads (JSONL plain/.gz/.zst, Parquet, plain text).
+
+  Without `lang`, a JSONL file whose records carry their "lang"; with it, every document of the file (or
+  glob, or directory) as that language, read by the training sources' reader (its "text" field,
+  one document per line for plain text)."""
+  if lang is None:
+    fmt = data_sources.format_of(str(path))
+    if fmt not in (None, "jsonl"):
+      raise EvalError(f"--data: {path} is {fmt}, whose records carry no language: give --lang=LANG")
+    return read_jsonl(path, max_docs)
+  try:
+    src = data_sources.resolve_source(SourceConfig(path=str(path), lang=lang), 0, label=f"--data={path}")
+  except ConfigError as e:
+    raise EvalError(str(e)) from None
+  if src.format == "arrayrecord":
+    raise EvalError(f"--data: {path} is pre-tokenized ArrayRecord; evaluation scores text (jsonl, parquet, text)")
+  skipped = np.zeros(len(data_sources.SKIP_REASONS), np.int64)
+  texts = list(itertools.islice(data_sources.iter_documents(src, skipped=skipped), max_docs))
+  counts = {r: int(n) for r, n in zip(data_sources.SKIP_REASONS, skipped) if n}
+  if counts.get("truncated_file"):  # scores over part of a file would pass for scores over all of it
+    raise EvalError(f"--data: {path} ends early (a truncated file) after {len(texts)} document(s)")
+  if counts:
+    print(f"note: --data: skipped records of {path}: {counts}", file=sys.stderr)
+  if not texts:
+    raise EvalError(f"{path}: no documents")
+  return [(lang, t) for t in texts]
 
 
 def fertility(texts: Sequence[str], tok: Arcade100k) -> dict[str, float]:
@@ -334,11 +374,11 @@ def evaluate_texts(run: LoadedRun, by_lang: dict[str, list[str]]) -> list[dict[s
 
 def evaluate_file(path: str | Path, *, workdir: Optional[str] = None, checkpoint: Optional[str] = None,
                   step: Optional[int] = None, max_docs: Optional[int] = None,
-                  batch_size: Optional[int] = None) -> list[dict[str, Any]]:
-  """`experiments.evaluate`: a JSONL file's documents scored per `lang`, by a trainer checkpoint."""
+                  batch_size: Optional[int] = None, lang: Optional[str] = None) -> list[dict[str, Any]]:
+  """`experiments.evaluate`: a file's documents (`read_documents`) scored per language, by a trainer checkpoint."""
   if max_docs is not None and max_docs < 1:
     raise EvalError(f"--max_docs must be >= 1, got {max_docs}")
   if batch_size is not None and batch_size < 1:
     raise EvalError(f"--batch_size must be >= 1, got {batch_size}")
-  records = read_jsonl(path, max_docs)
+  records = read_documents(path, lang, max_docs)
   return evaluate_texts(load_run(workdir, checkpoint, step, batch_size), group_by_lang(records))

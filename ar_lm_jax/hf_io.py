@@ -22,12 +22,14 @@ safetensors, torch and orbax are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -71,6 +73,10 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     raise ConversionError(f"{path}: not valid JSON: {e}") from None
   if not isinstance(cfg, dict):
     raise ConversionError(f"{path}: expected a JSON object")
+  if "model_type" not in cfg and {"model", "train", "checkpoint"} <= set(cfg):
+    raise ConversionError(f"{hf_dir}: is a workdir of ours (its config.json is a run config), not a Hugging Face "
+                          "model; export it with tools.convert_to_pytorch, or start a run from it with "
+                          "--config.checkpoint.init_from")
   return cfg
 
 
@@ -186,15 +192,35 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
   return out
 
 
-def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool, outputs: tuple[str, ...] = _HF_OUTPUTS) -> Path:
-  """Creates `out_dir`; refuses a non-empty one unless `overwrite`, which removes only our own outputs."""
+@contextlib.contextmanager
+def staged_out_dir(out_dir: str | os.PathLike, overwrite: bool,
+                   outputs: tuple[str, ...] = _HF_OUTPUTS) -> Iterator[Path]:
+  """Yields an empty temporary sibling of `out_dir` to write into. When the block completes, its contents
+  become `out_dir` (with `overwrite`, after removing only our own outputs from it); when it raises, the
+  temporary directory is deleted and `out_dir` is left exactly as it was, so a failed or refused
+  conversion never leaves a half-written model behind."""
   out = check_out_dir(out_dir, overwrite)
-  if out.is_dir() and overwrite:
-    for pattern in outputs:
-      for p in out.glob(pattern):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-  out.mkdir(parents=True, exist_ok=True)
-  return out
+  parent = out.absolute().parent
+  try:
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+  except OSError as e:
+    raise ConversionError(f"{out}: cannot create it ({e.strerror or e})") from None
+  try:
+    yield tmp
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; an export is meant to be shared
+    if out.is_dir():
+      for pattern in outputs:
+        for p in out.glob(pattern):
+          shutil.rmtree(p) if p.is_dir() else p.unlink()
+      for p in tmp.iterdir():
+        os.replace(p, out / p.name)
+      tmp.rmdir()
+    else:
+      os.replace(tmp, out)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -306,15 +332,17 @@ class CheckpointParams:
   Called with a leaf path in `hf.leaves` order, it restores the next group of up
   to `group_bytes` (partial restore: the optimizer state is never read) and hands
   each leaf out once, so an export never holds the whole model: restoring the
-  whole tree at once peaks at about three copies of it.
+  whole tree at once peaks at about three copies of it. Each group is checked
+  against the checkpoint's fingerprints as it is read (`checkpoint.restore_params`),
+  so a damaged checkpoint raises before the export that streams it is complete.
   """
 
-  def __init__(self, ckpt_dir: Path, step: int, model_cfg: ModelConfig, group_bytes: int = 1 << 30):
-    self._dir = _state_dir(ckpt_dir, step)
-    self._structs = _abstract_leaves(model_cfg)
+  def __init__(self, ckpt_dir: Path, step: int, cfg: Config, group_bytes: int = 1 << 30):
+    self._ckpt_dir, self._step, self._cfg = Path(ckpt_dir), step, cfg
+    self._structs = _abstract_leaves(cfg.model)
     self._groups: list[list[tuple]] = []
     size = group_bytes
-    for leaf in hf.leaves(model_cfg, model_cfg.scan_layers):
+    for leaf in hf.leaves(cfg.model, cfg.model.scan_layers):
       a = self._structs[leaf.path]
       nbytes = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
       if size + nbytes > group_bytes:
@@ -332,15 +360,12 @@ class CheckpointParams:
     return self._loaded.pop(path)
 
   def _restore(self, paths: list[tuple]) -> dict[tuple, np.ndarray]:
-    import jax
-    import orbax.checkpoint as ocp
-    item: dict = {}
-    for path in paths:
-      hf.set_path(item, ("params", *path), self._structs[path])
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    out = ocp.PyTreeCheckpointHandler().restore(
-        self._dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-    return {path: _get(out["params"], path) for path in paths}
+    from ar_lm_jax import checkpoint as ckpt_lib
+    try:
+      params = ckpt_lib.restore_params(self._ckpt_dir, self._step, self._cfg, only=paths)
+    except ckpt_lib.CheckpointError as e:
+      raise ConversionError(str(e)) from None
+    return {path: _get(params, path) for path in paths}
 
 
 def _saved_config(ckpt_dir: Path, step: Optional[int]) -> tuple[int, Config]:
@@ -365,12 +390,15 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
   if cfg.model.vocab_size < N_VOCAB:
     raise hf.MappingError(f"model.vocab_size={cfg.model.vocab_size} has no rows for the tokenizer's {N_VOCAB} ids")
   hf.hf_config_dict(cfg.model)  # refuses an architecture HF cannot express before anything is written
-  out = prepare_out_dir(out_dir, overwrite)
-  summary = save_hf_model(CheckpointParams(ckpt_dir, step, cfg.model), cfg.model, out, dtype, cfg.model.scan_layers,
-                          max_shard_bytes)
-  save_hf_tokenizer(load_tokenizer(cfg.data.tokenizer_path), str(out))
-  (out / RUN_CONFIG).write_text(dumps(cfg))
-  return {"out": str(out), "step": step, "dtype": dtype, **summary}
+  tokenizer = load_tokenizer(cfg.data.tokenizer_path)  # a missing ranks file too
+  with staged_out_dir(out_dir, overwrite) as tmp:
+    # Each group of params is checked against its fingerprints as it streams; a mismatch raises here,
+    # before the temporary directory becomes --out.
+    summary = save_hf_model(CheckpointParams(ckpt_dir, step, cfg), cfg.model, tmp, dtype, cfg.model.scan_layers,
+                            max_shard_bytes)
+    save_hf_tokenizer(tokenizer, str(tmp))
+    (tmp / RUN_CONFIG).write_text(dumps(cfg))
+  return {"out": str(Path(out_dir)), "step": step, "dtype": dtype, **summary}
 
 
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Optional[Config] = None,
@@ -397,12 +425,13 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Option
   # Each leaf goes to a device as it is read: orbax saves jax arrays with about a third of the
   # transient memory it needs for numpy ones.
   params = load_hf_params(hf_dir, cfg.model, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  out = prepare_out_dir(out_dir, overwrite, _CKPT_OUTPUTS)
-  (out / "config.json").write_text(dumps(cfg))
-  ckpt = Checkpointer(out / "checkpoints", cfg)
-  ckpt.save(0, {"step": np.zeros((), np.int32), "params": params}, force=True)
-  ckpt.wait()
-  ckpt.close()
+  with staged_out_dir(out_dir, overwrite, _CKPT_OUTPUTS) as tmp:
+    (tmp / "config.json").write_text(dumps(cfg))
+    ckpt = Checkpointer(tmp / "checkpoints", cfg)
+    ckpt.save(0, {"step": np.zeros((), np.int32), "params": params}, force=True)
+    ckpt.wait()
+    ckpt.close()
+  out = Path(out_dir)
   n = sum(int(x.size) for x in jax.tree.leaves(params))
   return {"out": str(out), "checkpoints": str(out / "checkpoints"), "step": 0, "num_params": n,
           "model": dataclasses.asdict(cfg.model)}
@@ -430,9 +459,12 @@ def init_params(source: str | os.PathLike, model_cfg: ModelConfig, shardings: An
   hf.check_same_architecture(model_cfg, saved.model, f"the checkpoint in {ckpt_dir}/{step}")
   if saved.model.scan_layers == model_cfg.scan_layers:
     check_saved_shapes(ckpt_dir, step, model_cfg)
-    return ckpt_lib.restore_params(ckpt_dir, step, saved.replace(model=model_cfg), shardings)
+    try:
+      return ckpt_lib.restore_params(ckpt_dir, step, saved.replace(model=model_cfg), shardings)
+    except ckpt_lib.CheckpointError as e:
+      raise ConversionError(f"checkpoint.init_from: {e}") from None
   check_saved_shapes(ckpt_dir, step, saved.model)
-  read = CheckpointParams(ckpt_dir, step, saved.model)
+  read = CheckpointParams(ckpt_dir, step, saved)
   tensors: dict[str, np.ndarray] = {}
   for leaf in hf.leaves(saved.model, saved.model.scan_layers):
     tensors.update(hf.leaf_to_hf(leaf, read(leaf.path)))

@@ -1,9 +1,17 @@
 """Export Arcade100k as a Hugging Face fast tokenizer (tokenizer.json + configs).
 
 The result loads with `transformers.AutoTokenizer.from_pretrained(out_dir)` (no remote
-code, no network) as a `PreTrainedTokenizerFast` that encodes like
-`Arcade100k.encode(text, allow_special=True)`: Hugging Face always recognises added
-tokens in text, so the export matches our allow_special=True mode, not the default.
+code, no network) as a `PreTrainedTokenizerFast` that encodes text like our default
+`Arcade100k.encode(text)`: a special-token string in text (`"<|endoftext|>"` scraped from
+a web page) is plain text, never EOS, because tokenizer_config.json sets
+`split_special_tokens`. That is how training data was tokenized, so scores and
+continuations of the export match ours. Special ids are still what `eos_token_id` etc.
+name and what decoding prints. The differences that remain:
+  - `tokenizer(text, split_special_tokens=False)` matches `encode(text, allow_special=True)`
+    (the original Arcade100k tokenizer's allowed_special="all"), for chat-style markup;
+  - tokenizer.json read by the `tokenizers` library alone (`Tokenizer.from_file`) knows
+    nothing of tokenizer_config.json and matches special-token strings in text, like
+    allow_special=True (set `encode_special_tokens = True` on it for our behaviour).
 
 The pipeline mirrors tiktoken:
   NFC normalizer -> Split(Arcade regex, isolated) -> ByteLevel(use_regex=False)
@@ -139,6 +147,8 @@ def save_hf_tokenizer(tokenizer: Arcade100k, out_dir: str) -> None:
       "model_max_length": MODEL_MAX_LENGTH,
       "clean_up_tokenization_spaces": False,
       "padding_side": "right",
+      # Special-token strings in text are text, as in our tokenizer and so in the training data (module doc).
+      "split_special_tokens": True,
   }
   special_map = {
       "bos_token": eos,

@@ -155,9 +155,15 @@ def prepare_data(source: SourceConfig, out_dir: str, *, tokenizer_path: Optional
   `num_workers` > 1 tokenizes shards in that many processes. Raises ConfigError for a source that
   matches no files, an unknown format, or an output directory made from a different source.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ConfigError(f"prepare_data: the output {out_dir} exists and is not a directory")
+  # The input and tokenizer are checked before the output directory is made: bad input leaves nothing behind.
   src, manifest, tasks = plan(source, out_dir, tokenizer_path=tokenizer_path, num_workers=num_workers,
                               shards_per_file=shards_per_file)
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"prepare_data: cannot create the output {out_dir} ({e.strerror or e})") from None
   manifest_path = os.path.join(out_dir, MANIFEST)
   _write_json_atomic(manifest_path, _with_totals(manifest))
   bar = _Progress(len(manifest["shards"]) + len(tasks), len(manifest["shards"]), enabled=progress)

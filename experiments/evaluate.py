@@ -1,7 +1,8 @@
 """Evaluate: `python -m experiments.evaluate --workdir=DIR|--checkpoint=DIR [--step=N] --data=FILE.jsonl
-[--max_docs=N] [--batch_size=N]`.
+[--lang=LANG] [--max_docs=N] [--batch_size=N]`.
 
-Scores every document of FILE.jsonl ({"text", "lang"} per line) with a trainer
+Scores every document of FILE.jsonl ({"text", "lang"} per line; .gz and .zst too), or, with
+--lang, of any source training reads (Parquet, plain text, JSONL), with a trainer
 checkpoint and prints one JSON line per language, then one with "lang": "all":
 docs, tokens (predictions scored), bytes (UTF-8 bytes of the predicted text),
 text_bytes, loss, perplexity, bits_per_byte. How documents are scored:
@@ -19,7 +20,9 @@ def main() -> int:
   p.add_argument("--workdir", default=None, help="a run directory (its checkpoints/ are read)")
   p.add_argument("--checkpoint", default=None, help="a checkpoints directory, or one step's directory in it")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  p.add_argument("--data", required=True, help="JSONL file with \"text\" and \"lang\" fields")
+  p.add_argument("--data", required=True, help="JSONL (.gz, .zst) with \"text\" and \"lang\" fields; with --lang, "
+                 "any format training reads (JSONL, Parquet, text; a file, glob or directory)")
+  p.add_argument("--lang", default=None, help="score every document of --data as this language")
   p.add_argument("--max_docs", type=int, default=None, help="score at most N documents per language")
   p.add_argument("--batch_size", type=int, default=None, help="rows of seq_len per batch (default: the run's micro-batch)")
   _, args = cli.parse_args(p)
@@ -27,7 +30,7 @@ def main() -> int:
   from ar_lm_jax import evaluate  # jax is imported only after the flags parsed
   try:
     lines = evaluate.evaluate_file(args.data, workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
-                                   max_docs=args.max_docs, batch_size=args.batch_size)
+                                   max_docs=args.max_docs, batch_size=args.batch_size, lang=args.lang)
   except evaluate.EvalError as e:
     raise cli.UsageError(str(e)) from None
   for line in lines:

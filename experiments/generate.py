@@ -26,6 +26,10 @@ def main() -> int:
   p.add_argument("--seed", type=int, default=0)
   _, args = cli.parse_args(p)
 
+  if not args.prompt:  # checked before the checkpoint is read: the flags alone are wrong
+    raise cli.UsageError("--prompt is empty: give text to continue (no BOS is added)")
+  if args.max_new_tokens < 1:
+    raise cli.UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
   from ar_lm_jax import evaluate, generate  # jax is imported only after the flags parsed
   try:
     sampling = (generate.GREEDY if args.greedy else generate.Sampling(args.temperature, args.top_k, args.top_p)).check()

@@ -41,7 +41,8 @@ def main() -> int:
     return 0
   workdir = args.workdir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
   try:
-    summary = trainer.run(cfg, workdir)
+    with cli.train_workdir(workdir, is_main):  # new, empty or one of our runs; a failed start leaves nothing
+      summary = trainer.run(cfg, workdir)
   except checkpoint.NonFiniteError as e:  # a failed run, not bad input: exit 1, one line
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -179,7 +179,7 @@ def test_cli_greedy_matches_transformers(hf_model, checkpoint_dir, prompt_ids, m
 
 @pytest.mark.parametrize("argv,message", [
     (["--prompt=hi"], "exactly one of --workdir and --checkpoint"),
-    (["--checkpoint={ckpt}", "--prompt="], "at least one token"),
+    (["--checkpoint={ckpt}", "--prompt="], "--prompt is empty"),
     (["--checkpoint={ckpt}", "--prompt=hi", "--step=7"], "step 7"),
     (["--checkpoint={ckpt}", "--prompt=hi", "--max_new_tokens=1000"], "max_position_embeddings"),
     (["--checkpoint={ckpt}", "--prompt=hi", "--top_k=-1"], "top_k"),

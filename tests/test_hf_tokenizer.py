@@ -1,8 +1,8 @@
 """Tests for the Hugging Face fast-tokenizer export of Arcade100k (offline).
 
-Hugging Face always recognises added tokens in raw text, so the export is compared
-with `Arcade100k.encode(text, allow_special=True)`; on text without special-token
-strings that is the same as the default encode.
+The export encodes text like our default `Arcade100k.encode(text)` (special-token strings
+in text are plain text: tokenizer_config.json sets split_special_tokens), and like
+`encode(text, allow_special=True)` when called with `split_special_tokens=False`.
 """
 
 from __future__ import annotations
@@ -101,13 +101,27 @@ def test_loaded_tokenizer_attributes(hf):
 
 @pytest.mark.parametrize("text", EDGE_CASES)
 def test_edge_cases_match(hf, ours, text):
-  expected = ours.encode(text, allow_special=True)
+  expected = ours.encode(text)  # special-token strings are text, as in training data
   ids = hf.encode(text, add_special_tokens=True)  # adds no BOS/EOS
   assert ids == expected
   assert hf(text)["input_ids"] == expected
   assert hf.decode(ids) == _nfc(text)
-  if not any(s in text for s in SPECIAL_TOKENS):
-    assert ids == ours.encode(text)
+  allowed = ours.encode(text, allow_special=True)
+  assert hf(text, split_special_tokens=False)["input_ids"] == allowed
+  assert hf.decode(allowed) == _nfc(text)
+
+
+def test_special_token_strings_in_text_are_text_like_ours(hf, ours, export_dir):
+  text = "<|endoftext|> text"
+  assert hf(text)["input_ids"] == ours.encode(text) != [100257, 1495]  # the default: like our training data
+  assert hf(text, split_special_tokens=False)["input_ids"] == ours.encode(text, allow_special=True) == [100257, 1495]
+  assert hf.eos_token_id == 100257 and hf.decode([100257, 1495]) == text  # the ids themselves are still special
+  # The documented difference: the `tokenizers` library alone does not read tokenizer_config.json.
+  from tokenizers import Tokenizer
+  raw = Tokenizer.from_file(os.path.join(export_dir, "tokenizer.json"))
+  assert raw.encode(text).ids == [100257, 1495]
+  raw.encode_special_tokens = True
+  assert raw.encode(text).ids == ours.encode(text)
 
 
 def test_batch_and_random_strings_match(hf, ours):
@@ -116,8 +130,9 @@ def test_batch_and_random_strings_match(hf, ours):
       " \t\n\r\x0b\x0c\x85\u00a0\u2028\u3000'sStTdDlLmMvVrReE0123456789١٢٣۴aZ_-=.,!?()[]{}<>|/\\\"#"
       "éçñßİıﬁ\u0301\u0308\u0654\u0655ءآأؤإئابةتثجحخدذرزسشصضطظعغفقكلمنهوىيًٌٍَُِّْـ😀🏽\u200d中한")
   texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
-  expected = ours.encode_batch(texts, allow_special=True)
+  expected = ours.encode_batch(texts)
   assert hf(texts)["input_ids"] == expected
+  assert hf(texts, split_special_tokens=False)["input_ids"] == ours.encode_batch(texts, allow_special=True)
   assert hf.batch_decode(expected) == [_nfc(t) for t in texts]
 
 
@@ -151,7 +166,7 @@ def test_sample_documents_match(hf, ours):
       rows = [json.loads(line) for line in f if line.strip()]
     docs += [row["text"] for row in rows if isinstance(row.get("text"), str)]
   assert docs, f"no 'text' fields in {paths}"
-  expected = ours.encode_batch(docs, allow_special=True)
+  expected = ours.encode_batch(docs)
   assert hf(docs)["input_ids"] == expected
   assert [hf.decode(ids) for ids in expected] == [_nfc(d) for d in docs]
 
@@ -162,4 +177,5 @@ def test_known_difference_nfc_across_special_token(hf, ours):
   # NFC composes ">" + U+0338 into "≯", which destroys the special token for us only.
   text = "<|endoftext|>\u0338"
   assert 100257 not in ours.encode(text, allow_special=True)
-  assert hf.encode(text)[0] == 100257
+  assert hf.encode(text, split_special_tokens=False)[0] == 100257
+  assert hf.encode(text) == ours.encode(text)  # with special tokens as text (the default) they agree

@@ -6,9 +6,12 @@ Writes config.json (StableLmForCausalLM, every architecture field explicit),
 generation_config.json, sharded model-*.safetensors + index, and the Arcade100k
 fast tokenizer, so that `AutoModelForCausalLM.from_pretrained(OUT)` and
 `AutoTokenizer.from_pretrained(OUT)` work offline. Only the parameters are read,
-never the optimizer state. The last line is a JSON summary. Exit code 2 for bad
-input (no such checkpoint or step, shapes that do not match the saved config, a
-non-empty --out without --overwrite).
+never the optimizer state, and each group of tensors is checked against the
+fingerprints saved with the checkpoint as it streams. Everything is written into a
+temporary directory next to --out that becomes --out at the end, so a failed or
+refused export leaves --out as it was. The last line is a JSON summary. Exit code 2
+for bad input (no such checkpoint or step, a damaged or unreadable checkpoint, shapes
+that do not match the saved config, a non-empty --out without --overwrite).
 """
 
 from __future__ import annotations

@@ -34,6 +34,28 @@ def parse_steps(text: str) -> list[int]:
   return steps
 
 
+def step_label(x: float, total_steps: int) -> str:
+  """An x-axis tick: whole steps below 10k-step runs (`25`, not `0.025k`), thousands above (`250k`)."""
+  if total_steps < 10_000 or not x:
+    return f"{int(round(x)):,}"
+  return f"{x / 1000:g}k"
+
+
+def out_path(text: str, name: str) -> Path:
+  """The image --out names: a directory gets `<name>-lr.png` in it, a name without an extension `.png`;
+  an extension matplotlib cannot write is bad input."""
+  out = Path(text)
+  if out.is_dir():
+    return out / f"{name}-lr.png"
+  if not out.suffix:
+    return out.with_name(out.name + ".png")
+  supported = plt.figure().canvas.get_supported_filetypes()
+  plt.close("all")
+  if out.suffix[1:].lower() not in supported:
+    raise cli.UsageError(f"--out: cannot write a .{out.suffix[1:]} image (supported: {', '.join(sorted(supported))})")
+  return out
+
+
 def plot(name: str, schedule, boundaries, total_steps: int, out: Path) -> None:
   edges = [b for (_, start, end) in boundaries for b in (start, end)]
   grid = np.unique(np.concatenate([np.linspace(0, max(total_steps, 1), GRID_POINTS).round(), edges,
@@ -54,7 +76,8 @@ def plot(name: str, schedule, boundaries, total_steps: int, out: Path) -> None:
     ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
   ax.set_xlim(0, max(total_steps, 1))
   ax.set_ylim(0, top * 1.05)
-  ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0"))
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=10, integer=True))
+  ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: step_label(x, total_steps)))
   ax.set_xlabel("step")
   ax.set_ylabel("learning rate")
   ax.set_title(f"{name}: lr schedule over {total_steps:,} steps")
@@ -66,7 +89,7 @@ def plot(name: str, schedule, boundaries, total_steps: int, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   parser = cli.make_parser(__doc__.splitlines()[0], default_config="ar_stablelm_2_1_6b")
-  parser.add_argument("--out", default=None, help="the PNG to write (optional with --print_steps)")
+  parser.add_argument("--out", default=None, help="the image to write (.png, .svg, .pdf, ...; a directory: NAME-lr.png in it); optional with --print_steps")
   parser.add_argument("--print_steps", default=None, help="comma-separated steps; prints {step: lr} as JSON last")
   cfg, args = cli.parse_args(parser, argv)
   steps = parse_steps(args.print_steps) if args.print_steps is not None else None
@@ -76,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
   schedule = optim.build_schedule(cfg.optim, total)  # ConfigError if the phases do not fit
   boundaries = optim.phase_boundaries(cfg.optim, total)
 
-  out = Path(args.out) if args.out is not None else None
+  out = out_path(args.out, cfg.name) if args.out is not None else None
   try:
     if out is not None:
       out.parent.mkdir(parents=True, exist_ok=True)

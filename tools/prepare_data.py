@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Optional, Sequence
 
 from ar_lm_jax import cli
@@ -42,6 +43,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   summary = {"output": args.output, "shards": len(manifest["shards"]), "documents": manifest["documents"],
              "tokens": manifest["tokens"], "skipped": manifest["skipped"]}
   print(f"wrote {summary['shards']} shards: {summary['documents']} documents, {summary['tokens']} tokens to {args.output}")
+  truncated = manifest["skipped"].get("truncated_file", 0)
+  if truncated:  # the shards hold the documents up to the cut; the rest of such a file is missing
+    print(f"warning: the input ended early (a truncated or corrupt file) in {truncated} of the shards written: "
+          "only the documents before the cut were tokenized", file=sys.stderr)
   print(json.dumps(summary))
   return 0
 

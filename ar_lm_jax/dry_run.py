@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import jax
 
-from ar_lm_jax import sharding
+from ar_lm_jax import collectives, sharding
 from ar_lm_jax import train as train_lib
 from ar_lm_jax.config import Config
 from ar_lm_jax.model import param_count
@@ -59,6 +59,7 @@ def compiled_memory(setup: train_lib.Setup) -> tuple[Optional[dict[str, Any]], s
   # Donated state is aliased to the output, so it is counted once.
   mem["peak_estimate"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
   mem["compile_s"] = round(compile_s, 2)
+  mem["collectives"] = collectives.collective_report(compiled)  # moved to the report's top level by dry_run
   return mem, ""
 
 
@@ -72,8 +73,9 @@ def dry_run(cfg: Config, *, memory_analysis: bool = True) -> dict[str, Any]:
 
   Returns a JSON-able report with at least `params`, `mesh` (axis -> size),
   `param_bytes_per_device` and `opt_state_bytes_per_device`; with `memory_analysis`,
-  also `memory` (XLA's numbers for the compiled train step, per device) or
-  `memory_unavailable` (why not).
+  also `memory` (XLA's numbers for the compiled train step, per device) and
+  `collective_bytes_per_device` ({op: operand bytes per device per step}, from the
+  compiled HLO: `collectives.py`), or `memory_unavailable` (why not).
   """
   setup = train_lib.build(cfg)
   abstract, shardings = setup.abstract_state, setup.state_shardings
@@ -117,7 +119,10 @@ def dry_run(cfg: Config, *, memory_analysis: bool = True) -> dict[str, Any]:
       report["memory_unavailable"] = why
       _say(f"compiled memory analysis unavailable: {why}")
     else:
+      coll = mem.pop("collectives")
+      report["collective_bytes_per_device"] = coll.bytes_per_device
       report["memory"] = mem
+      _say(coll.summary())
       _say(f"train step compiled in {mem['compile_s']:.1f}s; per device: arguments {_gb(mem['argument'])}, "
            f"outputs {_gb(mem['output'])} ({_gb(mem['alias'])} of them donated), temporaries {_gb(mem['temp'])}, "
            f"peak about {_gb(mem['peak_estimate'])}")

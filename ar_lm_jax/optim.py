@@ -311,9 +311,37 @@ def decay_mask(params: Any, decay_embeddings: bool = True) -> Any:
   return jax.tree_util.tree_map_with_path(lambda path, _: _decays(_path_names(path), decay_embeddings), params)
 
 
-def build_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def scale_by_step_schedule(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+  """Scales updates by -schedule(step), `step` being the number of the update (from 1) the caller passes.
+
+  The train step passes its state's step + 1. The lr is then a function of the run's
+  step alone, skipped non-finite steps included: a skipped step keeps the optimizer
+  state (so this transform's `count`, like Adam's, counts applied updates only), and
+  an lr driven by that count would lag schedule(step) by one for every skip, so that
+  a cooldown would never reach 0. Without `step` (a caller outside the train step),
+  update number count + 1 is used, which is the same when nothing was skipped.
+  The state keeps optax's ScaleByScheduleState(count), so checkpoints are unchanged.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, step=None, **extra_args):
+    del params, extra_args
+    count = optax.safe_int32_increment(state.count)
+    lr = schedule(count if step is None else step)
+    updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+    return updates, optax.ScaleByScheduleState(count=count)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def build_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformationExtraArgs:
   """Global-norm clipping, then AdamW with the phase schedule and the weight-decay mask.
 
+  `update(grads, state, params, step=s)` applies update number s (from 1) with lr
+  schedule(s), whatever the state's counters say (`scale_by_step_schedule`).
   The state is a flat 4-tuple, the same for every setting (clip_norm 0 included)
   so that a run can change them and resume:
     (clip: EmptyState, ScaleByAdamState(count, mu, nu), MaskedState(EmptyState), ScaleByScheduleState(count))
@@ -326,6 +354,6 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfo
       # Decoupled decay, added after Adam's normalization and scaled by the lr below: p -= lr * (adam + wd * p).
       optax.add_decayed_weights(cfg.weight_decay, mask=functools.partial(decay_mask, decay_embeddings=cfg.decay_embeddings)),
       # Update number s (counting from 1, the step the trainer logs and checkpoints) uses schedule(s), so
-      # the lr logged and plotted for step s is the one that step applied; optax counts updates from 0.
-      optax.scale_by_learning_rate(lambda count: schedule(count + 1)),
+      # the lr logged and plotted for step s is the one that step applied, skipped steps included.
+      scale_by_step_schedule(schedule),
   )

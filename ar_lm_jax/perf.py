@@ -204,6 +204,9 @@ def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool 
   mem = memory_summary(compiled)
   say(f"compiled in {compile_s:.1f}s; memory_analysis: " +
       (", ".join(f"{k.replace('_size_in_bytes', '')} {v / 2**20:,.1f} MiB" for k, v in mem.items()) or "n/a"))
+  from ar_lm_jax.collectives import collective_report
+  coll = collective_report(compiled)
+  say(coll.summary())
 
   state = train_lib.init_state(setup, cfg.train.seed)
   batch = sharding.global_batch(batch_np, setup.mesh)
@@ -255,6 +258,7 @@ def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool 
       "peak_flops_source": "measured 2048^3 fp32 matmul, median over the run" if rates else "data sheet, dense bf16",
       "mfu": tokens_per_sec * flops_per_token / (peak * jax.device_count()) if peak else None,
       "memory": mem,
+      "collective_bytes_per_device": coll.bytes_per_device,  # operand bytes per device per step, from the HLO
   }
   if baseline is not None:
     torch_step = statistics.median(theirs)

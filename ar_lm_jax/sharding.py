@@ -129,18 +129,26 @@ def add_data_axis(sharding: NamedSharding, shape: tuple, data_size: int) -> Name
   return sharding
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, params_shardings: Any,
-                        abstract_params: Any, mesh: Mesh, zero1: bool) -> Any:
-  """Moments follow their parameter's layout (plus `data` under ZeRO-1); counters are replicated."""
+def moment_shardings(params_shardings: Any, abstract_params: Any, mesh: Mesh, zero1: bool) -> Any:
+  """The layout of the AdamW moments, shaped like the params: each param's layout, plus `data` under ZeRO-1.
+
+  Under ZeRO-1 the train step also reduces the gradients into this layout (one reduce-scatter per leaf).
+  """
   data_size = mesh.shape[DATA]
 
   def for_param(sharding, shape_struct):
     return add_data_axis(sharding, shape_struct.shape, data_size) if zero1 else sharding
 
-  moment_shardings = jax.tree.map(for_param, params_shardings, abstract_params)
+  return jax.tree.map(for_param, params_shardings, abstract_params)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, params_shardings: Any,
+                        abstract_params: Any, mesh: Mesh, zero1: bool) -> Any:
+  """Moments follow their parameter's layout (plus `data` under ZeRO-1); counters are replicated."""
+  moments = moment_shardings(params_shardings, abstract_params, mesh, zero1)
   replicated = NamedSharding(mesh, P())
   return optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt_state, moment_shardings,
+      tx, lambda _, s: s, abstract_opt_state, moments,
       transform_non_params=lambda _: replicated)
 
 

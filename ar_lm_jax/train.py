@@ -36,6 +36,7 @@ class Setup:
   schedule: optax.Schedule
   abstract_state: State  # ShapeDtypeStructs
   state_shardings: State  # NamedShardings, same structure
+  grad_shardings: Any = None  # NamedShardings of the gradients, shaped like params: the moments' layout (ZeRO-1)
 
   @contextlib.contextmanager
   def activate(self):
@@ -55,11 +56,12 @@ def build(cfg: Config, devices=None) -> Setup:
   params_sh = sharding.param_shardings(boxed, mesh, cfg.mesh)
   opt_abs = jax.eval_shape(tx.init, params_abs)
   opt_sh = sharding.opt_state_shardings(tx, opt_abs, params_sh, params_abs, mesh, cfg.mesh.shard_optimizer_over_data)
+  grad_sh = sharding.moment_shardings(params_sh, params_abs, mesh, cfg.mesh.shard_optimizer_over_data)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   replicated = NamedSharding(mesh, P())
   abstract_state = {"step": scalar, "params": params_abs, "opt_state": opt_abs, "skipped_steps": scalar}
   state_shardings = {"step": replicated, "params": params_sh, "opt_state": opt_sh, "skipped_steps": replicated}
-  return Setup(cfg, mesh, model, tx, schedule, abstract_state, state_shardings)
+  return Setup(cfg, mesh, model, tx, schedule, abstract_state, state_shardings, grad_sh)
 
 
 def init_state(setup: Setup, seed: int) -> State:
@@ -90,8 +92,10 @@ def loss_sums(model: StableLM, params, batch: dict, cfg: Config):
   """(sum of NLL, sum of log(Z)^2) over the batch's scored positions."""
   hidden_BTD = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], return_hidden=True)
   targets_BT, mask_BT = loss_lib.targets_and_mask(batch["tokens"], batch["segment_ids"])
+  # The chunked loss keeps one LM-head gradient partial per data shard, reduced once after its loop.
+  groups = dict(jax.sharding.get_abstract_mesh().shape).get(sharding.DATA, 1)
   return loss_lib.nll_sums(hidden_BTD, params["lm_head"]["kernel"], targets_BT, mask_BT, cfg.model.dtype, cfg.train.loss_chunk_size,
-                           z_grad=cfg.optim.z_loss > 0)
+                           z_grad=cfg.optim.z_loss > 0, grad_groups=groups)
 
 
 def loss_and_grads(params, batch: dict, *, model: StableLM, cfg: Config):
@@ -131,16 +135,25 @@ def loss_and_grads(params, batch: dict, *, model: StableLM, cfg: Config):
 
 
 def train_step(state: State, batch: dict, *, model: StableLM, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, cfg: Config) -> tuple[State, dict]:
+               schedule: optax.Schedule, cfg: Config, grad_shardings: Any = None) -> tuple[State, dict]:
   """One optimizer update; a pure function of (state, batch).
 
   A step whose loss or gradient is not finite leaves params and optimizer state
-  unchanged and is counted in `skipped_steps`.
+  unchanged and is counted in `skipped_steps`; the lr of update s is schedule(s)
+  all the same (skipped steps included), the one logged.
+
+  ZeRO-1 (`grad_shardings`: the moments' layout): the gradients are reduced
+  straight onto the moment shards (a reduce-scatter instead of an all-reduce),
+  the global norm and the AdamW update are computed on the shards, and only the
+  new parameters are all-gathered, once per leaf as soon as its update is done.
   """
   params = state["params"]
   loss, grads, n_tokens = loss_and_grads(params, batch, model=model, cfg=cfg)
+  if grad_shardings is not None:
+    grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
   grad_norm = optax.tree.norm(grads)
-  updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+  step = state["step"] + 1
+  updates, new_opt_state = tx.update(grads, state["opt_state"], params, step=step)
   new_params = optax.apply_updates(params, updates)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -150,14 +163,15 @@ def train_step(state: State, batch: dict, *, model: StableLM, tx: optax.Gradient
       "opt_state": keep(new_opt_state, state["opt_state"]),
       "skipped_steps": state["skipped_steps"] + (1 - ok.astype(jnp.int32)),
   }
-  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"] + 1), "tokens": n_tokens,
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step), "tokens": n_tokens,
              "finite": ok, "skipped_steps": new_state["skipped_steps"]}
   return new_state, metrics
 
 
 def jit_train_step(setup: Setup) -> Callable:
   """The train step jitted with explicit shardings, donating the old state."""
-  step = functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule, cfg=setup.cfg)
+  step = functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule, cfg=setup.cfg,
+                           grad_shardings=setup.grad_shardings)
   batch_sh = sharding.batch_sharding(setup.mesh)
   batch_shardings = {"tokens": batch_sh, "segment_ids": batch_sh, "positions": batch_sh}
   replicated = NamedSharding(setup.mesh, P())

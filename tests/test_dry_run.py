@@ -48,6 +48,10 @@ def test_recipe_dry_run_on_16_devices(tmp_path):
   assert mem["argument"] == report["param_bytes_per_device"] + report["opt_state_bytes_per_device"] + 8 + batch_bytes
   assert mem["alias"] >= report["param_bytes_per_device"] + report["opt_state_bytes_per_device"]  # the state is donated
   assert 0 < mem["temp"] < 80e9  # the recipe's remat keeps it under an H100's 80 GB even with XLA attention
+  # One gradient reduction per step (issue 12): all-reduce + reduce-scatter within 5% of the fp32 gradients.
+  coll = report["collective_bytes_per_device"]
+  assert set(coll) == {"all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute"}
+  assert coll["all-reduce"] + coll["reduce-scatter"] <= 1.05 * 4 * RECIPE_PARAMS
   assert "parameters: 1,644,515,328" in text and "mesh: data=16 x model=1" in text
   # Nothing was allocated: 6.6 GB of parameters would show in the peak RSS (ru_maxrss is in KiB).
   assert usage.ru_maxrss * 1024 < 3e9

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ar_lm_jax import perf
+from ar_lm_jax import collectives, perf
 from ar_lm_jax import train as train_lib
 from ar_lm_jax.config import REMAT_POLICIES, REPO_ROOT, ModelConfig, load_config
 from ar_lm_jax.model import StableLM, abstract_params, param_count
@@ -177,6 +177,7 @@ def test_benchmark_cli_prints_a_json_last_line_with_torch_comparison():
   assert r["peak_flops"] > 1e9 and 0 < r["mfu"] < 1
   assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * r["model_flops_per_token"] / r["peak_flops"])
   assert r["compile_s"] > 0 and np.isfinite(r["loss"])
+  assert r["collective_bytes_per_device"] == dict.fromkeys(collectives.KINDS, 0)  # one device: nothing to send
   assert r["speedup"] == pytest.approx(r["torch_step_time_s"] / r["step_time_s"])
   assert r["torch_tokens_per_sec"] == pytest.approx(tokens / r["torch_step_time_s"])
 

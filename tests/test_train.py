@@ -140,3 +140,50 @@ def test_unknown_config_key_exits_2_with_one_line():
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "train.stepz" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_skipped_steps_do_not_shift_the_lr_schedule(monkeypatch):
+  """Steps 3 and 4 are made non-finite; every applied update s still uses lr = schedule(s), and the cooldown
+  reaches 0. The applied lr is read back from the update itself: AdamW's new params are
+  p - lr * (mu_hat / (sqrt(nu_hat) + eps) + wd * p), with mu, nu and the count from the new optimizer state,
+  so lr = -(p_new - p) . d / (d . d), computed in float64."""
+  cfg = apply_overrides(load_config("tiny", CONFIGS_DIR), {
+      "data.seq_len": "32", "data.batch_size": "2", "train.steps": "8",
+      "optim.phases": '[{"kind": "linear_warmup", "steps": 4, "end_lr": 0.01}, {"kind": "linear_decay", "steps": 4, "end_lr": 0.0}]'})
+  bad_steps = {3, 4}
+  original = train_lib.loss_and_grads
+
+  def poisoned(params, batch, **kw):  # a batch whose first position is -1 makes the step non-finite
+    loss, grads, n = original(params, batch, **kw)
+    return jax.numpy.where(batch["positions"][0, 0] < 0, jax.numpy.nan, loss), grads, n
+
+  monkeypatch.setattr(train_lib, "loss_and_grads", poisoned)
+  setup = train_lib.build(cfg, jax.devices()[:1])
+  schedule = optim.build_schedule(cfg.optim, cfg.train.steps)
+  state = train_lib.init_state(setup, seed=0)
+  step = train_lib.jit_train_step(setup)
+  o = cfg.optim
+  mask = optim.decay_mask(state["params"], o.decay_embeddings)
+  with setup.activate():
+    for s in range(1, 9):
+      batch = packed_batch(2, 32, 1000, seed=s)
+      if s in bad_steps:
+        batch["positions"][0, 0] = -1
+      before = jax.device_get(state["params"])
+      state, m = step(state, sharding.global_batch(batch, setup.mesh))
+      m = jax.device_get(m)
+      assert bool(m["finite"]) == (s not in bad_steps) and int(m["skipped_steps"]) == len(bad_steps & set(range(s + 1)))
+      assert m["lr"] == pytest.approx(float(schedule(s)), rel=1e-6, abs=0)
+      if s in bad_steps:
+        continue
+      adam = jax.device_get(state["opt_state"][1])
+      c = int(adam.count)
+      num = den = 0.0
+      for p, p_new, mu, nu, dec in zip(*(jax.tree.leaves(t) for t in (before, state["params"], adam.mu, adam.nu, mask))):
+        p, mu, nu = (np.asarray(x, np.float64) for x in (p, mu, nu))
+        d = (mu / (1 - o.b1 ** c)) / (np.sqrt(nu / (1 - o.b2 ** c)) + o.eps) + (o.weight_decay * p if dec else 0.0)
+        num -= float(np.sum((np.asarray(jax.device_get(p_new), np.float64) - p) * d))
+        den += float(np.sum(d * d))
+      # fp32 params: the update is rounded to the params' precision (|p| ~ 0.02, eps32 ~ 1e-7 relative).
+      assert num / den == pytest.approx(float(schedule(s)), rel=1e-3, abs=1e-7), f"step {s}"
+  assert float(schedule(8)) == 0.0

@@ -251,3 +251,42 @@ def check_template(template: str, tokenizer: Optional[Arcade100k] = None) -> Non
   _, mask = render(probe, template, tokenizer=tokenizer)
   if not mask.any():
     raise ChatError("template_error", "the chat template scores no token of a sample conversation")
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face export.
+
+
+def trains_on_chat(data_cfg) -> bool:
+  """Whether a run's data (a DataConfig) reads conversations, i.e. whether its exports get a chat template."""
+  return any(s.format == "chat" for s in (*data_cfg.sources, *data_cfg.eval_sources))
+
+
+def _update_json(path: str, update: dict) -> None:
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  with open(path, encoding="utf-8") as f:
+    obj = json.load(f)
+  obj.update(update)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:  # written whole, then renamed: never half a file
+    json.dump(obj, f, ensure_ascii=False, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def write_hf_chat_files(out_dir: str, template: str = "") -> None:
+  """Adds the chat template to an export's tokenizer_config.json, and <|im_end|> to generation_config.json's stops.
+
+  `split_special_tokens` is turned off in a chat export: with it, the tokenizer would encode the
+  template's own <|im_start|>/<|im_end|> as text and `apply_chat_template` could not produce a
+  single marker. Special-token strings inside contents are still text in `render`, as in
+  `apply_chat_template(..., sanitize_control_tokens=True)` (module docstring).
+  """
+  import os  # pylint: disable=import-outside-toplevel
+  from ar_lm_jax.tokenizer import EOS_ID  # pylint: disable=import-outside-toplevel
+  _update_json(os.path.join(out_dir, "tokenizer_config.json"),
+               {"chat_template": template or CHATML, "split_special_tokens": False})
+  gen = os.path.join(out_dir, "generation_config.json")
+  if os.path.isfile(gen):
+    _update_json(gen, {"eos_token_id": [load_tokenizer().special_tokens[IM_END], EOS_ID]})

@@ -369,6 +369,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
   summary = save_hf_model(CheckpointParams(ckpt_dir, step, cfg.model), cfg.model, out, dtype, cfg.model.scan_layers,
                           max_shard_bytes)
   save_hf_tokenizer(load_tokenizer(cfg.data.tokenizer_path), str(out))
+  from ar_lm_jax import chat
+  if chat.trains_on_chat(cfg.data):  # a fine-tuned chat model: its template, and generation stops at <|im_end|>
+    chat.write_hf_chat_files(str(out), cfg.data.chat_template)
   (out / RUN_CONFIG).write_text(dumps(cfg))
   return {"out": str(out), "step": step, "dtype": dtype, **summary}
 

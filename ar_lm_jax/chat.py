@@ -159,10 +159,11 @@ def _mark(content: str) -> str:
   return _SPECIAL.sub(lambda m: _MARK_START + m.group(0) + _MARK_END, content)
 
 
-def _tokenize(text: str, tok: Arcade100k) -> tuple[list[int], list[int]]:
-  """Ids of a rendering with marked contents, and the character offset where each token starts."""
+def _tokenize(text: str, tok: Arcade100k) -> tuple[list[int], list[int], list[int]]:
+  """Ids of a rendering with marked contents, and the character offsets where each token starts and ends."""
   ids: list[int] = []
   starts: list[int] = []
+  ends: list[int] = []
 
   def text_ids(piece: str, at: int) -> None:
     if not piece:
@@ -172,6 +173,7 @@ def _tokenize(text: str, tok: Arcade100k) -> tuple[list[int], list[int]]:
     _, offsets = tok.encoding.decode_with_offsets(piece_ids)
     ids.extend(piece_ids)
     starts.extend(at + o for o in offsets)
+    ends.extend([at + o for o in offsets[1:]] + [at + len(piece)])
 
   def plain_ids(piece: str, at: int) -> None:
     """Template text: its special-token strings are special ids, the rest text."""
@@ -180,6 +182,7 @@ def _tokenize(text: str, tok: Arcade100k) -> tuple[list[int], list[int]]:
       text_ids(piece[pos:m.start()], at + pos)
       ids.append(tok.special_tokens[m.group(0)])
       starts.append(at + m.start())
+      ends.append(at + m.end())
       pos = m.end()
     text_ids(piece[pos:], at + pos)
 
@@ -189,7 +192,7 @@ def _tokenize(text: str, tok: Arcade100k) -> tuple[list[int], list[int]]:
     text_ids(m.group(1), m.start(1))  # a special-token string of a content: text, on its own
     pos = m.end()
   plain_ids(text[pos:], pos)
-  return ids, starts
+  return ids, starts, ends
 
 
 def render(messages: Sequence[dict], template: Optional[str] = None, *, loss_on: str = "assistant",
@@ -225,9 +228,8 @@ def render_conversation(messages: Sequence[dict], template: Optional[str] = None
         spans.append((len(before), len(through)))
   except jinja2.exceptions.TemplateError as e:
     raise ChatError("template_error", f"chat template: {e}") from None
-  ids, starts = _tokenize(text, tok)
-  starts_N = np.asarray(starts, np.int64)
-  ends_N = np.append(starts_N[1:], len(text))
+  ids, starts, ends = _tokenize(text, tok)
+  starts_N, ends_N = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
   mask = np.full(len(ids), loss_on == "all", np.uint8)
   for a, b in spans:
     mask[(starts_N < b) & (ends_N > a)] = 1

@@ -218,16 +218,16 @@ def reference_run(run_env, tmp_path_factory):
 def test_sft_on_one_device_equals_two_and_resume_is_bitwise(run_env, reference_run, tmp_path):
   _, ref = reference_run
   assert sorted(ref) == list(range(1, 7)) and ref[6]["loss"] < ref[1]["loss"]
-  assert all(ref[s]["tokens"] < 4 * 128 for s in ref)  # only the assistant tokens (and the replay rows) count
+  assert all(0 < ref[s]["scored_tokens"] < 4 * 127 for s in ref)  # only the assistant tokens (and the replay rows) count
   half = sft(run_env(2), tmp_path / "resumed", "--config.mesh.data=2", "--config.train.stop_after=3")
   assert sorted(half) == [1, 2, 3]
   resumed = sft(run_env(2), tmp_path / "resumed", "--config.mesh.data=2")
   for s in range(1, 7):
-    for key in ("loss", "grad_norm", "tokens", "data/batch_hash"):
+    for key in ("loss", "grad_norm", "scored_tokens", "data/batch_hash"):
       assert resumed[s][key] == ref[s][key], (s, key)
   one = sft(run_env(1), tmp_path / "one", "--config.mesh.data=1")
   for s in range(1, 7):
-    assert one[s]["data/batch_hash"] == ref[s]["data/batch_hash"] and one[s]["tokens"] == ref[s]["tokens"]
+    assert one[s]["data/batch_hash"] == ref[s]["data/batch_hash"] and one[s]["scored_tokens"] == ref[s]["scored_tokens"]
     np.testing.assert_allclose(one[s]["loss"], ref[s]["loss"], rtol=1e-5)
     np.testing.assert_allclose(one[s]["grad_norm"], ref[s]["grad_norm"], rtol=1e-4)
 

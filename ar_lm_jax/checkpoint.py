@@ -301,7 +301,7 @@ class Checkpointer:
           config=ocp.args.JsonRestore(), fingerprint=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - whatever the reader raises, this checkpoint cannot be used
       raise _Unusable(f"cannot read its config or fingerprint ({_short(e)})") from None
-    small["data"] = data_states[jax.process_index()] if len(data_states) == jax.process_count() else None
+    own = data_states[jax.process_index()] if len(data_states) == jax.process_count() else None
     try:
       saved = ocp.StandardCheckpointHandler().metadata(epath.Path(path / "state"))
       saved_shapes = {path_str(p): (tuple(m.shape), str(m.dtype))
@@ -316,7 +316,7 @@ class Checkpointer:
     bad = _mismatches(state, small["fingerprint"])
     if bad:
       raise _Unusable(f"{len(bad)} array(s) differ from the fingerprint taken when it was saved ({', '.join(bad[:3])})")
-    return Restored(step, state, small["data"], small["config"], data_states)
+    return Restored(step, state, own, small["config"], data_states)
 
   def _check_fits(self, step: int, saved: dict[str, tuple], target: Any) -> None:
     want = {path_str(p): (tuple(a.shape), str(a.dtype)) for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}

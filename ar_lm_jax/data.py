@@ -451,7 +451,7 @@ def make_train_iterator(cfg: DataConfig, *, seed: int, process_index: int = 0, p
   per_process = V // process_count
   shards = range(process_index * per_process, (process_index + 1) * per_process)
   tokenizer = load_tokenizer(cfg.tokenizer_path)
-  resolved = [data_sources.resolve_source(s, i, tokenizer) for i, s in enumerate(cfg.sources)]
+  resolved = [data_sources.resolve_source(s, i, tokenizer, min_documents=V) for i, s in enumerate(cfg.sources)]
   if any(src.format == "chat" for src in resolved):
     try:
       chat.check_template(cfg.chat_template, tokenizer)

@@ -132,7 +132,7 @@ def _list_path(path: str) -> list[str]:
 
 
 def resolve_source(src: SourceConfig, index: int, tokenizer: Optional[Arcade100k] = None,
-                   label: Optional[str] = None) -> ResolvedSource:
+                   label: Optional[str] = None, min_documents: int = 1) -> ResolvedSource:
   """Lists a source's files and settles its format; raises ConfigError naming the source (or `label`)."""
   where = label or _describe(src, index)
   path = os.path.expanduser(src.path)
@@ -159,7 +159,7 @@ def resolve_source(src: SourceConfig, index: int, tokenizer: Optional[Arcade100k
   if fmt == "arrayrecord":
     _check_arrayrecord(resolved, where, tokenizer)
   else:
-    _probe(resolved, where)
+    _probe(resolved, where, min_documents)
   return resolved
 
 
@@ -180,23 +180,31 @@ def _check_arrayrecord(src: ResolvedSource, where: str, tokenizer: Optional[Arca
     raise ConfigError(f"{where}: the ArrayRecord shards hold no records")
 
 
-def _probe(src: ResolvedSource, where: str) -> None:
-  """Fails fast when the first records hold no usable document (a wrong text_field, say)."""
+def _probe(src: ResolvedSource, where: str, min_documents: int = 1) -> None:
+  """Fails fast when the first records hold no usable document (a wrong text_field, say), or when the
+  whole source holds fewer than `min_documents` (one per virtual shard, each of which reads its own)."""
   skipped = np.zeros(len(SKIP_REASONS), np.int64)
-  seen = 0
+  seen = usable = 0
   for path in src.files[:10]:
     if src.format == "parquet":
       _check_parquet_column(path, src.text_field, where)
     for item, _, _ in read_records(src, path, 0, 1):
       if not isinstance(item, int):
-        return
-      if item != END_OF_FILE:
+        usable += 1
+        if usable >= min_documents:
+          return
+      elif item != END_OF_FILE:
         skipped[item] += 1
       seen += 1
       if seen >= _PROBE_RECORDS:
         break
     if seen >= _PROBE_RECORDS:
       break
+  if usable:
+    if seen >= _PROBE_RECORDS or len(src.files) > 10:
+      return  # not read to the end: it may hold more
+    raise ConfigError(f"{where}: holds {usable} usable document(s), fewer than the {min_documents} virtual shards "
+                      f"(data.virtual_shards) that each read their own; add documents or use fewer virtual shards")
   counts = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
   raise ConfigError(f"{where}: no usable document in its first {seen} records (skipped: {counts or 'none'}); "
                     f"check format={src.format!r} and text_field={src.text_field!r}")

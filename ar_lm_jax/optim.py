@@ -235,42 +235,40 @@ def stablelm2_pretrain_phases(peak_lr: float = 1e-3, min_lr: float = 1e-4, *,
   return phases
 
 
-def ar_stablelm2_phases(peak_lr: float = 3e-4, floor_lr: float = 1e-4, *,
-                        warmup_steps: int = 5_000,
-                        cosine_steps: int = 95_000,
+def ar_stablelm2_phases(peak_lr: float = 5e-4, floor_lr: float = 1e-4, *,
+                        warmup_steps: int = 10_000,
+                        cosine_steps: int = 90_000,
                         main_steps: int = 300_000,
-                        cooldown_steps: int = 200_000) -> tuple[PhaseConfig, ...]:
-  """The Arabic stage: 300k steps of warmup + cosine + inverse-sqrt, then 200k of linear cooldown to 0.
+                        cooldown_steps: int = 200_000,
+                        min_lr: float = 2.5e-6) -> tuple[PhaseConfig, ...]:
+  """The Arabic stage: 300k steps of warmup + cosine + inverse-sqrt, then 200k of linear cooldown to min_lr.
 
-  Published (ar-stablelm-2-base card): 500k steps, 300k "with a cosine and inverse
-  square-root schedule", then 200k of linear ("early") cooldown. Everything else
-  here is our choice:
+  Published, by source:
+  - ar-stablelm-2-base card: 500k steps, 300k "with a cosine and inverse square-root
+    schedule", then 200k of linear ("early") cooldown.
+  - The paper (arXiv 2412.04277), as quoted by a public literature review (secondary: the
+    PDF itself was not available to us): 10k warmup steps, max lr 5e-4, min lr 2.5e-6.
+    We read the min lr as the end of the cooldown (the lowest lr of the run), not as the
+    floor of the inverse-sqrt decay: a 200k-step "cooldown" to a floor it has already
+    reached would cool nothing.
 
-  - Warmup: 0 -> peak over `warmup_steps` (5k, 1% of the stage), with init_lr 0.
-    The run starts from the released Hugging Face weights, which carry no Adam
-    moments, so the optimizer is re-warmed from scratch: at lr 0 the first update
-    only fills the moments, and the ramp keeps the first steps on a new data mix
-    (Arabic was not among Stable LM 2's pre-training languages) from taking
-    full-size steps with still-noisy second-moment estimates.
-  - Peak `peak_lr` = 3e-4 (not published). The base model's own schedule peaked
-    at 1e-3 and ended at ~1e-4. Continued pre-training studies (Gupta et al. 2023,
-    "How to (re)warm your model?"; Ibrahim et al. 2024, "Simple and scalable
-    strategies to continually pre-train LLMs") find that re-warming is needed to
-    learn a shifted distribution, and that the higher the re-warmed peak, the more
-    the old distribution is forgotten, which replay (here ~84% English) offsets.
-    Re-warming only to 1e-4 would barely move the model on Arabic; to the full
-    1e-3 would risk the most English for a stage of ~197B tokens, a tenth of
-    pre-training's 2T. 3e-4 is about the geometric mean of the base run's peak and
-    floor (the middle of its range in log space, and the handover lr of our
-    `stablelm2_pretrain_phases`), an lr that run trained through stably. It is a
-    judgement, not a published value: treat it as the first knob of a sweep.
-  - Cosine from peak to sqrt(peak * floor) (1.73e-4) over `cosine_steps`, then an
-    inverse-sqrt tail to `floor_lr` (1e-4, the base model's min_lr) at step
-    `main_steps`; the cooldown then goes linearly to 0 over `cooldown_steps`.
-    The lr never rises after the warmup.
+  Our choices, unpublished:
+  - init_lr 0: the run starts from the released Hugging Face weights, which carry no Adam
+    moments, so the optimizer is re-warmed from scratch (Gupta et al. 2023, "How to
+    (re)warm your model?"; Ibrahim et al. 2024, "Simple and scalable strategies to
+    continually pre-train LLMs").
+  - The hand-over of the two decays: a cosine from the peak to sqrt(peak * floor_lr)
+    (2.24e-4) until step 100k (`warmup_steps + cosine_steps`), then an inverse-sqrt tail
+    to `floor_lr` = 1e-4 (the base model's own min_lr) at step `main_steps`; the cooldown
+    then goes linearly from there to `min_lr` over `cooldown_steps`. The lr never rises
+    after the warmup.
+
+  `ar_stablelm2_guess_phases` is the schedule we used before the paper's figures were
+  known (3e-4 peak, 5k warmup, cooldown to 0).
   """
-  if not (0 < floor_lr <= peak_lr):
-    raise ConfigError(f"optim.phases: need 0 < floor_lr <= peak_lr, got {floor_lr:g} and {peak_lr:g}")
+  if not (0 < floor_lr <= peak_lr) or not 0 <= min_lr <= floor_lr:
+    raise ConfigError(f"optim.phases: need 0 <= min_lr <= floor_lr <= peak_lr, floor_lr > 0, got "
+                      f"{min_lr:g}, {floor_lr:g} and {peak_lr:g}")
   if min(warmup_steps, cosine_steps, cooldown_steps) <= 0 or warmup_steps + cosine_steps >= main_steps:
     raise ConfigError(f"optim.phases: need positive lengths and warmup_steps + cosine_steps < main_steps, got "
                       f"{warmup_steps} + {cosine_steps} vs {main_steps}")
@@ -278,8 +276,20 @@ def ar_stablelm2_phases(peak_lr: float = 3e-4, floor_lr: float = 1e-4, *,
       PhaseConfig("linear_warmup", steps=warmup_steps, end_lr=peak_lr),
       PhaseConfig("cosine", steps=cosine_steps, end_lr=math.sqrt(peak_lr * floor_lr)),
       PhaseConfig("inverse_sqrt", steps=main_steps - warmup_steps - cosine_steps, end_lr=floor_lr),
-      PhaseConfig("linear_decay", steps=cooldown_steps, end_lr=0.0),
+      PhaseConfig("linear_decay", steps=cooldown_steps, end_lr=min_lr),
   )
+
+
+def ar_stablelm2_guess_phases() -> tuple[PhaseConfig, ...]:
+  """Our earlier guess at the Arabic stage, before the paper's figures: peak 3e-4, 5k warmup, cooldown to 0.
+
+  The same shape as `ar_stablelm2_phases` (cosine to sqrt(peak * 1e-4) until step 100k,
+  inverse-sqrt to 1e-4 at 300k, linear to 0 at 500k). 3e-4 was about the geometric mean
+  of the base run's peak (1e-3) and floor (1e-4): a re-warmed peak that learns the new
+  distribution while forgetting less of the old one. Kept as a variant to compare with:
+  `--config.optim.phases` takes its phases as JSON (print them with `tools.plot_schedule`).
+  """
+  return ar_stablelm2_phases(peak_lr=3e-4, warmup_steps=5_000, cosine_steps=95_000, min_lr=0.0)
 
 
 # ---------------------------------------------------------------------------

@@ -144,9 +144,9 @@ class _PackIterator(grain.DatasetIterator):
     np.add.at(skipped, starts[counted] // L, np.stack([b["skipped"] for b in blocks])[counted])
     rows["skipped"] = skipped
     # Pass ends (epochs, see data_sources) travel the same way.
-    ends = np.zeros(n_rows, np.int64)
-    np.add.at(ends, starts[counted] // L, np.array([b.get("ends", 0) for b in blocks], np.int64)[counted])
-    rows["ends"] = ends
+    pass_ends = np.zeros(n_rows, np.int64)
+    np.add.at(pass_ends, starts[counted] // L, np.array([b.get("ends", 0) for b in blocks], np.int64)[counted])
+    rows["ends"] = pass_ends
     # Where each row (and the stream after the last one) starts: the block holding that token, or
     # the first block beginning exactly there (so empty blocks at a boundary are re-read on restore).
     at = np.arange(n_rows + 1, dtype=np.int64) * L

@@ -148,8 +148,8 @@ def test_record_shards_are_disjoint_and_complete(tmp_path):
 def _epoch_docs(src, process_index, process_count, seed=0, shuffle=True, blocks=None):
   """Documents (as token tuples, EOS dropped) from the first `blocks` blocks of a process's stream."""
   tok = load_tokenizer()
-  it = ds.block_dataset(src, tok, seed=seed, shuffle=shuffle, shuffle_window=64, process_index=process_index,
-                        process_count=process_count).__iter__()
+  it = ds.block_dataset(src, tok, seed=seed, shuffle=shuffle, shuffle_window=64, shard=process_index,
+                        num_shards=process_count).__iter__()
   out = []
   for _ in range(blocks):
     b = next(it)
@@ -210,3 +210,23 @@ def test_decode_block_skips_bad_records():
   assert block["lengths"].tolist() == [3, 2]
   assert dict(zip(ds.SKIP_REASONS, block["skipped"].tolist())) == {
       "malformed_json": 0, "missing_field": 0, "empty": 1, "invalid_utf8": 0, "truncated_file": 0, "bad_record": 2}
+
+
+def test_decode_block_counts_bad_records_in_the_first_pass_only_and_pass_ends():
+  good, bad = np.array([1, 2], "<i4").tobytes(), b"\x00\x01\x02"
+  decode = ds.DecodeBlock(eos_id=9, n_vocab=10, records_per_pass=2)
+  first = decode([(0, good), (1, bad)])  # pass 0: the bad record counts; record 1 ends the pass
+  again = decode([(2, good), (3, bad), (4, good)])  # pass 1: re-read, not re-counted
+  assert first["skipped"][ds.SKIP_REASONS.index("bad_record")] == 1 and first["ends"] == 1
+  assert again["skipped"].sum() == 0 and again["ends"] == 1
+  assert again["tokens"].tolist() == [1, 2, 9, 1, 2, 9]
+
+
+def test_streamed_skips_are_counted_once_over_many_passes(tmp_path):
+  path = write_jsonl(tmp_path / "a.jsonl", DOCS[:3], extra_lines=[b"{broken\n"])
+  src = resolve(path)
+  it = ds.block_dataset(src, load_tokenizer(), seed=0, shuffle=False, shuffle_window=8).__iter__()
+  blocks = [next(it) for _ in range(4)]  # 256 records: pass 0 has 5 (3 docs, the bad line, END_OF_FILE), later ones 4
+  it.close()
+  assert sum(b["skipped"][ds.SKIP_REASONS.index("malformed_json")] for b in blocks) == 1
+  assert sum(int(b["ends"]) for b in blocks) == 1 + (256 - 5) // 4 and ds.ends_per_pass(src, 1) == 1

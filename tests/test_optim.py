@@ -151,27 +151,43 @@ def test_with_cooldown_keeps_the_past_schedule():
 
 
 def test_ar_recipe_shape():
+  """The paper's figures (via a secondary source): 10k warmup, peak 5e-4, min lr 2.5e-6 at the cooldown's end."""
   cfg = OptimConfig(phases=optim.ar_stablelm2_phases())
+  assert optim.phase_boundaries(cfg, 500_000) == [
+      ("linear_warmup", 0, 10_000), ("cosine", 10_000, 100_000),
+      ("inverse_sqrt", 100_000, 300_000), ("linear_decay", 300_000, 500_000)]
+  lr = lrs(cfg, 500_000, np.arange(0, 500_001))
+  peak, min_lr = 5e-4, 2.5e-6
+  # Warmup rises from ~0 to the peak, which is the maximum and is reached at the end of the warmup.
+  assert lr[0] == 0.0 and 0 < lr[1] < peak * 1e-3
+  assert np.all(np.diff(lr[:10_001]) >= 0)
+  assert lr[10_000] == pytest.approx(peak, rel=1e-6)
+  assert lr.max() == pytest.approx(peak, rel=1e-6) and int(lr.argmax()) == 10_000
+  # Never increasing after the warmup.
+  assert np.diff(lr[10_000:]).max() <= 0.0
+  # Continuous at 300k, where the cooldown starts at the base model's min lr (our hand-over).
+  assert lr[300_000] == pytest.approx(1e-4, rel=1e-6)
+  assert abs(lr[300_000] - lr[299_999]) < 1e-9
+  assert abs(lr[300_001] - lr[300_000]) == pytest.approx((1e-4 - min_lr) / 200_000, rel=0.05)
+  # Cosine hands over at sqrt(peak * floor); the paper's min lr at the end of the run, and held after it.
+  assert lr[100_000] == pytest.approx(math.sqrt(peak * 1e-4), rel=1e-6)
+  assert lr[500_000] == pytest.approx(min_lr, rel=1e-6) == lr[10_000:].min()
+  assert lrs(cfg, 500_000, [600_000])[0] == pytest.approx(min_lr, rel=1e-6)
+
+
+def test_ar_recipe_earlier_guess_is_kept_as_a_variant():
+  cfg = OptimConfig(phases=optim.ar_stablelm2_guess_phases())
   assert optim.phase_boundaries(cfg, 500_000) == [
       ("linear_warmup", 0, 5_000), ("cosine", 5_000, 100_000),
       ("inverse_sqrt", 100_000, 300_000), ("linear_decay", 300_000, 500_000)]
   lr = lrs(cfg, 500_000, np.arange(0, 500_001))
-  peak = 3e-4
-  # Warmup rises from ~0 to the peak, which is the maximum and is reached at the end of the warmup.
-  assert lr[0] == 0.0 and 0 < lr[1] < peak * 1e-3
-  assert np.all(np.diff(lr[:5_001]) >= 0)
-  assert lr[5_000] == pytest.approx(peak, rel=1e-6)
-  assert lr.max() == pytest.approx(peak, rel=1e-6) and int(lr.argmax()) == 5_000
-  # Never increasing after the warmup.
-  assert np.diff(lr[5_000:]).max() <= 0.0
-  # Continuous at 300k, where the cooldown starts at the base model's min lr.
-  assert lr[300_000] == pytest.approx(1e-4, rel=1e-6)
-  assert abs(lr[300_000] - lr[299_999]) < 1e-9
-  assert abs(lr[300_001] - lr[300_000]) == pytest.approx(1e-4 / 200_000, rel=0.05)  # float32 ulp of 1e-4 is ~7e-12
-  # Cosine hands over at sqrt(peak * floor); 0 at the end of the run.
+  assert lr.max() == pytest.approx(3e-4, rel=1e-6) and int(lr.argmax()) == 5_000
   assert lr[100_000] == pytest.approx(math.sqrt(3e-4 * 1e-4), rel=1e-6)
+  assert lr[300_000] == pytest.approx(1e-4, rel=1e-6)
   assert lr[500_000] == 0.0
   assert lr[499_999] == pytest.approx(1e-4 / 200_000, abs=1e-11)
+  with pytest.raises(ConfigError, match="min_lr"):
+    optim.ar_stablelm2_phases(min_lr=2e-4)
 
 
 def test_pretrain_preset_matches_public_values():
@@ -340,7 +356,7 @@ def test_plot_schedule_applies_overrides(tmp_path, capsys):
   plot_schedule.main([f"--config={config}", f"--out={tmp_path / 'a.png'}", "--print_steps=10",
                       "--config.optim.init_lr=1e-4"])
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert printed["10"] == pytest.approx(1e-4 + (3e-4 - 1e-4) * 10 / 50, rel=1e-6)
+  assert printed["10"] == pytest.approx(1e-4 + (5e-4 - 1e-4) * 10 / 50, rel=1e-6)
 
 
 @pytest.mark.parametrize("args", [
@@ -375,3 +391,11 @@ def test_recipe_config_uses_the_ar_schedule():
   assert cfg.train.steps == 500_000
   assert cfg.optim.phases == optim.ar_stablelm2_phases()
   assert optim.phase_boundaries(cfg.optim, cfg.train.steps)[-1] == ("linear_decay", 300_000, 500_000)
+
+
+def test_plot_schedule_prints_the_recipe_without_plotting(capsys):
+  """The issue's check: the recipe's schedule shows the paper's 10k warmup and 5e-4 peak."""
+  assert plot_schedule.main(["--config=ar_stablelm_2_1_6b", "--print_steps=0,10000,300000,500000"]) == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed["0"] == 0.0 and printed["10000"] == pytest.approx(5e-4, rel=1e-6)
+  assert printed["300000"] == pytest.approx(1e-4, rel=1e-6) and printed["500000"] == pytest.approx(2.5e-6, rel=1e-6)

@@ -91,15 +91,15 @@ def test_long_documents_split_over_rows():
   assert rows[3]["tokens"][2] == EOS and rows[3]["segment_ids"].tolist() == [1] * 3 + [2] * 13
 
 
-def test_skip_counts_are_carried_once():
-  blocks = make_blocks()
+def test_skip_counts_and_pass_ends_are_carried_once():
+  blocks = [dict(b, ends=np.int64(i % 3 == 0)) for i, b in enumerate(make_blocks())]
   rows = list(packed(blocks, 16))
-  total = sum(r["skipped"] for r in rows)
   # Every block that begins before the end of the last row is counted exactly once.
   stream_len = len(rows) * 16
   starts = np.cumsum([0] + [b["tokens"].size for b in blocks])[:-1]
-  expected = sum(b["skipped"] for b, s in zip(blocks, starts) if s < stream_len)
-  np.testing.assert_array_equal(total, expected)
+  for key in ("skipped", "ends"):
+    expected = sum(b[key] for b, s in zip(blocks, starts) if s < stream_len)
+    np.testing.assert_array_equal(sum(r[key] for r in rows), expected)
 
 
 @pytest.mark.parametrize("seq_len", [8, 50])

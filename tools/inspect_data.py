@@ -2,9 +2,11 @@
 
   python -m tools.inspect_data --config=tiny --batches=50 [--config.data.seq_len=256 ...]
 
-Prints per-language token shares (realized vs configured), skipped records per reason, the
-padding fraction and tokens/s; the last line is a JSON object with `token_share`,
-`configured_share`, `skipped`, `padding_fraction` and `tokens_per_sec`. Exit 2 for bad input.
+Prints per-language token shares (realized vs configured), epochs (passes read) per source,
+skipped records per reason, the padding fraction and tokens/s; the last line is a JSON object
+with `token_share`, `configured_share`, `epochs`, `skipped`, `padding_fraction`,
+`virtual_shards` and `tokens_per_sec`. A source whose documents recur within the first rows
+gets a warning on stderr. Exit 2 for bad input.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for lang, share in report["token_share"].items():
     print(f"  {lang:>6}: {share:7.2%} of tokens (configured {report['configured_share'][lang]:7.2%}), "
           f"{report['tokens'][lang]} tokens")
+  epochs = ", ".join(f"{name} {e:.2f}" for name, e in report["epochs"].items())
+  print(f"  epochs read per source: {epochs} (over {report['virtual_shards']} virtual shards)")
   skipped = {r: n for r, n in report["skipped"].items() if n}
   print(f"  skipped records: {skipped or 'none'}")
   print(f"  padding: {report['padding_fraction']:.2%}   throughput: {report['tokens_per_sec']:,.0f} tokens/s")

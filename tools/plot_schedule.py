@@ -1,9 +1,10 @@
 """Plots a config's learning-rate schedule over the whole run, phase boundaries marked.
 
-  python -m tools.plot_schedule --config=ar_stablelm_2_1_6b --out=lr.png \
-      [--print_steps=0,5000,300000,500000] [--config.optim.KEY=VALUE ...]
+  python -m tools.plot_schedule --config=ar_stablelm_2_1_6b [--out=lr.png] \
+      [--print_steps=0,10000,300000,500000] [--config.optim.KEY=VALUE ...]
 
-With --print_steps the last line printed is a JSON object {"STEP": lr, ...}.
+With --print_steps the last line printed is a JSON object {"STEP": lr, ...}; without --out
+nothing is plotted (one of the two is needed).
 Exit codes: 0 ok, 2 bad input (one line on stderr).
 """
 
@@ -65,23 +66,27 @@ def plot(name: str, schedule, boundaries, total_steps: int, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   parser = cli.make_parser(__doc__.splitlines()[0], default_config="ar_stablelm_2_1_6b")
-  parser.add_argument("--out", required=True, help="the PNG to write")
+  parser.add_argument("--out", default=None, help="the PNG to write (optional with --print_steps)")
   parser.add_argument("--print_steps", default=None, help="comma-separated steps; prints {step: lr} as JSON last")
   cfg, args = cli.parse_args(parser, argv)
   steps = parse_steps(args.print_steps) if args.print_steps is not None else None
+  if args.out is None and steps is None:
+    raise cli.UsageError("give --out=FILE.png to plot, --print_steps=S,... to print, or both")
   total = cfg.train.steps
   schedule = optim.build_schedule(cfg.optim, total)  # ConfigError if the phases do not fit
   boundaries = optim.phase_boundaries(cfg.optim, total)
 
-  out = Path(args.out)
+  out = Path(args.out) if args.out is not None else None
   try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot(cfg.name, schedule, boundaries, total, out)
+    if out is not None:
+      out.parent.mkdir(parents=True, exist_ok=True)
+      plot(cfg.name, schedule, boundaries, total, out)
   except OSError as e:
     raise cli.UsageError(f"--out: cannot write {out}: {e.strerror or e}") from None
   for kind, start, end in boundaries:
     print(f"{kind:>14}  steps {start:>9,} .. {end:>9,}  lr {float(schedule(start)):.4g} -> {float(schedule(end)):.4g}")
-  print(f"wrote {out}")
+  if out is not None:
+    print(f"wrote {out}")
   if steps is not None:
     values = np.asarray(schedule(jnp.asarray(steps, jnp.int32)))
     print(json.dumps({str(s): float(v) for s, v in zip(steps, values)}))

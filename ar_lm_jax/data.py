@@ -59,13 +59,13 @@ import grain
 import numpy as np
 from absl import flags as absl_flags
 
-from ar_lm_jax import data_sources
+from ar_lm_jax import chat, data_sources
 from ar_lm_jax.config import ConfigError, DataConfig
 from ar_lm_jax.data_sources import SKIP_REASONS
 from ar_lm_jax.packing import PackIterDataset
 from ar_lm_jax.tokenizer import load_tokenizer
 
-BATCH_KEYS = ("tokens", "segment_ids", "positions")
+BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")  # int32 [B, T]; loss_mask: 1 = a scored target
 STATE_VERSION = 2  # 1: per-process streams (before virtual shards), not resumable here
 _REPEAT_WARN_ROWS = 16  # a source whose pass ends before a virtual shard took this many of its rows repeats within its first rows
 
@@ -452,6 +452,11 @@ def make_train_iterator(cfg: DataConfig, *, seed: int, process_index: int = 0, p
   shards = range(process_index * per_process, (process_index + 1) * per_process)
   tokenizer = load_tokenizer(cfg.tokenizer_path)
   resolved = [data_sources.resolve_source(s, i, tokenizer, min_documents=V) for i, s in enumerate(cfg.sources)]
+  if any(src.format == "chat" for src in resolved):
+    try:
+      chat.check_template(cfg.chat_template, tokenizer)
+    except chat.ChatError as e:
+      raise ConfigError(f"data.chat_template: {e}") from None
   stages = stage_weights(cfg)
   used = sorted({i for _, w in stages for i, x in enumerate(w) if x > 0})
   # The window is split over the virtual shards: the documents held and read ahead at start-up stay
@@ -464,7 +469,7 @@ def make_train_iterator(cfg: DataConfig, *, seed: int, process_index: int = 0, p
       src = resolved[k]
       blocks = data_sources.block_dataset(
           src, tokenizer, seed=_source_seed(seed, src.index, v), shuffle=cfg.shuffle,
-          shuffle_window=window, shard=v, num_shards=V)
+          shuffle_window=window, shard=v, num_shards=V, chat_template=cfg.chat_template, loss_on=cfg.loss_on)
       packed = PackIterDataset(blocks, cfg.seq_len, source=src.index, name=src.name)
       if cfg.worker_count:
         _allow_unparsed_absl_flags()

@@ -7,6 +7,9 @@ A source (`SourceConfig`) is a file, a glob or a directory of one format:
 - Parquet: the document is the string column `text_field`.
 - Plain text (`.txt`, also `.gz`/`.zst`): a document per line, or per blank-line-separated
   paragraph (`text_unit`).
+- Chat (`format: "chat"`): JSONL conversations `{"messages": [...]}` or `{"prompt", "response"}`,
+  rendered by `chat.render` into tokens and a loss mask (blocks then carry `loss_mask`; no EOS is
+  added, the template ends each turn).
 - ArrayRecord shards of pre-tokenized documents (little-endian int32 ids, no EOS), written by
   `python -m tools.prepare_data`; a directory holding its `manifest.json` reads the complete shards.
 
@@ -46,10 +49,11 @@ import grain
 import numpy as np
 import zstandard
 
+from ar_lm_jax import chat
 from ar_lm_jax.config import ConfigError, SourceConfig
 from ar_lm_jax.tokenizer import Arcade100k
 
-SKIP_REASONS = ("malformed_json", "missing_field", "empty", "invalid_utf8", "truncated_file", "bad_record")
+SKIP_REASONS = ("malformed_json", "missing_field", "empty", "invalid_utf8", "truncated_file", "bad_record") + chat.SKIP_REASONS
 _REASON = {r: i for i, r in enumerate(SKIP_REASONS)}
 END_OF_FILE = -1  # marker a file reader yields once per pass, so a stream of empty files never stalls
 
@@ -138,7 +142,8 @@ def resolve_source(src: SourceConfig, index: int, tokenizer: Optional[Arcade100k
   found = {f: format_of(f) for f in files}
   if os.path.isdir(path):  # a directory may hold READMEs and the like: keep the data files
     known = [f for f in files if found[f] is not None]
-    files = [f for f in known if found[f] == src.format] or (known if src.format == "auto" else files)
+    wanted = "jsonl" if src.format == "chat" else src.format
+    files = [f for f in known if found[f] == wanted] or (known if src.format == "auto" else files)
   fmt = src.format
   if fmt == "auto":
     unknown = [f for f in files if found[f] is None]
@@ -184,7 +189,7 @@ def _probe(src: ResolvedSource, where: str, min_documents: int = 1) -> None:
     if src.format == "parquet":
       _check_parquet_column(path, src.text_field, where)
     for item, _, _ in read_records(src, path, 0, 1):
-      if isinstance(item, str):
+      if not isinstance(item, int):
         usable += 1
         if usable >= min_documents:
           return
@@ -267,6 +272,20 @@ def _check_text(text: str) -> str | int:
   return text
 
 
+def _parse_chat(line: bytes) -> list[dict[str, str]] | int:
+  """A conversation's validated messages, or the reason it is skipped."""
+  try:
+    record = json.loads(line)
+  except UnicodeDecodeError:
+    return _REASON["invalid_utf8"]
+  except ValueError:
+    return _REASON["malformed_json"]
+  try:
+    return chat.messages_of(record)
+  except chat.ChatError as e:
+    return _REASON[e.reason]
+
+
 def _parse_text(raw: bytes) -> str | int:
   try:
     return _check_text(raw.decode("utf-8"))
@@ -310,6 +329,8 @@ def read_records(src: ResolvedSource, path: str, shard: int, num_shards: int,
     yield from _parquet_records(src, path, shard, num_shards, record)
     return
   parse = (lambda b: _parse_json(b, src.text_field)) if src.format == "jsonl" else _parse_text
+  if src.format == "chat":
+    parse = _parse_chat
   unit = src.text_unit if src.format == "text" else "line"
   try:
     f, compressed = _open_binary(path)
@@ -362,11 +383,11 @@ def _parquet_records(src: ResolvedSource, path: str, shard: int, num_shards: int
 
 
 def iter_documents(src: ResolvedSource, shard: int = 0, num_shards: int = 1,
-                   skipped: Optional[np.ndarray] = None) -> Iterator[str]:
-  """Every document of a streamed source in file order, once; skip reasons are added to `skipped`."""
+                   skipped: Optional[np.ndarray] = None) -> Iterator[str | list]:
+  """Every document (conversation, for chat) of a streamed source in file order, once; skip reasons are added to `skipped`."""
   for path in src.files:
     for item, _, _ in read_records(src, path, shard, num_shards):
-      if isinstance(item, str):
+      if not isinstance(item, int):
         yield item
       elif skipped is not None:
         skipped[item] += 1
@@ -403,7 +424,7 @@ class _FileRecordsIterator(grain.DatasetIterator):
         fs = self._fs
         self._reader = read_records(self._src, fs.path, fs.shard, fs.num_shards, self._record, self._offset)
       for item, self._record, self._offset in self._reader:
-        if self._count_skips or isinstance(item, str):
+        if self._count_skips or not isinstance(item, int):
           return item
       self._phase = 1
     if self._phase == 1:
@@ -510,6 +531,34 @@ class TokenizeBlock:
     return _with_eos(flat, lengths, self.tokenizer.eos_id, skipped, ends)
 
 
+class ChatTokenizeBlock:
+  """grain batch_fn: records (conversations and skip reasons) -> one block with a `loss_mask` (see `chat`)."""
+
+  def __init__(self, tokenizer: Arcade100k, template: str = "", loss_on: str = "assistant"):
+    self.tokenizer, self.template, self.loss_on = tokenizer, template, loss_on
+
+  def __call__(self, records: Sequence[list | int]) -> dict[str, np.ndarray]:
+    skipped = np.zeros(len(SKIP_REASONS), np.int64)
+    ids, masks = [], []
+    for r in records:
+      if isinstance(r, int):
+        if r != END_OF_FILE:
+          skipped[r] += 1
+        continue
+      try:
+        tokens, mask = chat.render(r, self.template, loss_on=self.loss_on, tokenizer=self.tokenizer)
+      except chat.ChatError as e:
+        skipped[_REASON[e.reason]] += 1
+        continue
+      ids.append(tokens)
+      masks.append(mask)
+    ends = sum(1 for r in records if isinstance(r, int) and r == END_OF_FILE)
+    lengths = np.array([len(x) for x in ids], np.int32)
+    cat = lambda xs, dtype: np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)
+    return {"tokens": cat(ids, np.int32), "lengths": lengths, "loss_mask": cat(masks, np.uint8),
+            "skipped": skipped, "ends": np.int64(ends)}
+
+
 class DecodeBlock:
   """grain batch_fn: ArrayRecord records (pre-tokenized documents) -> one block.
 
@@ -567,7 +616,8 @@ def ends_per_pass(src: ResolvedSource, num_shards: int) -> int:
 
 
 def block_dataset(src: ResolvedSource, tokenizer: Arcade100k, *, seed: int, shuffle: bool, shuffle_window: int,
-                  shard: int = 0, num_shards: int = 1) -> grain.IterDataset:
+                  shard: int = 0, num_shards: int = 1, chat_template: str = "",
+                  loss_on: str = "assistant") -> grain.IterDataset:
   """The endless (epoch after epoch) stream of blocks of shard `shard` of `num_shards` of one source."""
   if src.format == "arrayrecord":
     records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(src.files)))
@@ -594,5 +644,7 @@ def block_dataset(src: ResolvedSource, tokenizer: Arcade100k, *, seed: int, shuf
                                                        iter_buffer_size=_RECORDS_BUFFERED_PER_FILE)
   if shuffle:
     records = grain.experimental.WindowShuffleIterDataset(records, window_size=shuffle_window, seed=seed)
+  if src.format == "chat":
+    return records.batch(DOCS_PER_BLOCK, batch_fn=ChatTokenizeBlock(tokenizer, chat_template, loss_on))
   return records.batch(DOCS_PER_BLOCK, batch_fn=TokenizeBlock(tokenizer))
 

@@ -16,6 +16,12 @@ first token's and less any truncated tail. `bytes` in the results is that
 count; `text_bytes` is the bytes of the whole NFC documents. (Dividing by
 `text_bytes` would credit the model with the unpredicted first token's bytes.)
 
+Conversations (records with "messages", or "prompt" and "response", see `chat`) are scored on
+their responses only, the tokens the fine-tuning loss counts (each assistant turn's content and
+end marker): `tokens` is that count, the loss their mean NLL, and bits per byte that NLL over the
+UTF-8 bytes of the scored text tokens (an end marker is a special id, with no bytes of text).
+Records with bad messages are skipped and counted in the "all" line's `skipped`.
+
 Documents are packed whole into rows of `seq_len` (first-fit decreasing), each
 with its own segment id and positions from 0, so the model's segment masking
 makes a packed document score exactly as it would alone; rows go through one
@@ -40,12 +46,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ar_lm_jax import checkpoint as checkpoint_lib
-from ar_lm_jax import data_sources, sharding
+from ar_lm_jax import chat, data_sources, sharding
 from ar_lm_jax import train as train_lib
 from ar_lm_jax.config import REPO_ROOT, Config, ConfigError, SourceConfig
 from ar_lm_jax.tokenizer import Arcade100k, load_tokenizer
 
-ROW_KEYS = ("tokens", "segment_ids", "positions")
+ROW_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 
 
 class EvalError(ValueError):
@@ -60,7 +66,8 @@ class Corpus:
   tokens: int  # predictions scored
   bytes: int  # UTF-8 bytes of the predicted text (see the module docstring)
   text_bytes: int  # UTF-8 bytes of the whole NFC documents
-  rows: dict[str, np.ndarray]  # tokens/segment_ids/positions [R, seq_len]
+  rows: dict[str, np.ndarray]  # tokens/segment_ids/positions/loss_mask [R, seq_len]
+  skipped: Optional[dict[str, int]] = None  # conversations skipped, per reason (chat corpora)
 
 
 def nfc_bytes(text: str) -> int:
@@ -74,8 +81,31 @@ def encode_corpus(lang: str, texts: Sequence[str], tok: Arcade100k, seq_len: int
                 rows=pack_documents(kept, seq_len))
 
 
-def pack_documents(docs: Sequence[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
-  """First-fit decreasing into rows [R, seq_len]: segment ids 1, 2, ... per document, 0 for padding."""
+def encode_chat_corpus(lang: str, conversations: Sequence[Sequence[dict]], tok: Arcade100k, seq_len: int,
+                       template: str = "", skipped: Optional[dict[str, int]] = None) -> Corpus:
+  """Conversations rendered with the chat template and truncated to seq_len; responses scored (module doc)."""
+  docs, masks = [], []
+  skipped = dict(skipped or {})
+  for messages in conversations:
+    try:
+      ids, mask = chat.render(messages, template, tokenizer=tok)
+    except chat.ChatError as e:
+      skipped[e.reason] = skipped.get(e.reason, 0) + 1
+      continue
+    docs.append(ids[:seq_len])
+    masks.append(mask[:seq_len])
+  scored = [d[1:][m[1:] > 0] for d, m in zip(docs, masks)]  # the first token is never predicted
+  text_bytes = sum(len(tok.decode_bytes(x[x < tok.eos_id])) for x in scored)
+  return Corpus(lang=lang, docs=len(docs), tokens=sum(int(m[1:].sum()) for m in masks), bytes=text_bytes,
+                text_bytes=text_bytes, rows=pack_documents(docs, seq_len, masks), skipped=skipped)
+
+
+def pack_documents(docs: Sequence[np.ndarray], seq_len: int,
+                   masks: Optional[Sequence[np.ndarray]] = None) -> dict[str, np.ndarray]:
+  """First-fit decreasing into rows [R, seq_len]: segment ids 1, 2, ... per document, 0 for padding.
+
+  `masks` (default: all ones): per document, which tokens are scored targets (`loss_mask`).
+  """
   order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
   order = [i for i in order if len(docs[i]) > 1]  # a single token predicts nothing
   free = np.zeros(0, np.int64)
@@ -100,6 +130,7 @@ def pack_documents(docs: Sequence[np.ndarray], seq_len: int) -> dict[str, np.nda
       rows["tokens"][r, at:at + n] = docs[i]
       rows["segment_ids"][r, at:at + n] = seg
       rows["positions"][r, at:at + n] = np.arange(n)
+      rows["loss_mask"][r, at:at + n] = 1 if masks is None else masks[i]
       at += n
   return rows
 
@@ -149,6 +180,10 @@ def result_line(lang: str, corpora: Sequence[Corpus], nll: float) -> dict[str, A
   tokens = sum(c.tokens for c in corpora)
   n_bytes = sum(c.bytes for c in corpora)
   loss = nll / tokens if tokens else None
+  skipped: dict[str, int] = {}
+  for c in corpora:
+    for r, n in (c.skipped or {}).items():
+      skipped[r] = skipped.get(r, 0) + n
   return {
       "lang": lang,
       "docs": sum(c.docs for c in corpora),
@@ -158,7 +193,7 @@ def result_line(lang: str, corpora: Sequence[Corpus], nll: float) -> dict[str, A
       "loss": loss,
       "perplexity": math.exp(loss) if loss is not None else None,
       "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else None,
-  }
+  } | ({"skipped": skipped} if skipped else {})
 
 
 def evaluate_corpora(scorer: Scorer, params, corpora: Sequence[Corpus]) -> list[dict[str, Any]]:
@@ -197,6 +232,12 @@ def read_jsonl(path: str | Path, max_docs: Optional[int] = None) -> list[tuple[s
           raise EvalError(f"{path}:{lineno}: not valid UTF-8") from None
         except json.JSONDecodeError as e:
           raise EvalError(f"{path}:{lineno}: not valid JSON ({e})") from None
+        if isinstance(record, dict) and "text" not in record and ("messages" in record or "prompt" in record):
+          lang = record.get("lang") if isinstance(record.get("lang"), str) else "chat"
+          if max_docs is None or per_lang.get(lang, 0) < max_docs:  # validated when rendered (skipped, counted)
+            per_lang[lang] = per_lang.get(lang, 0) + 1
+            out.append((lang, _conversation(record)))
+          continue
         if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not isinstance(record.get("lang"), str):
           raise EvalError(f"{path}:{lineno}: expected an object with string fields \"text\" and \"lang\" "
                           "(or give --lang to score every document as one language)")
@@ -247,6 +288,29 @@ def read_documents(path: str | Path, lang: Optional[str] = None, max_docs: Optio
   return [(lang, t) for t in texts]
 
 
+def _conversation(record: dict) -> Any:
+  """A chat record's messages, or the ChatError that makes it bad (counted when the corpus is rendered)."""
+  try:
+    return chat.messages_of(record)
+  except chat.ChatError as e:
+    return e
+
+
+def encode_items(lang: str, items: Sequence[Any], tok: Arcade100k, cfg: Config) -> Corpus:
+  """Texts, or conversations (message lists; a ChatError stands for a bad record, counted as skipped)."""
+  texts = [x for x in items if isinstance(x, str)]
+  if len(texts) == len(items):
+    return encode_corpus(lang, items, tok, cfg.data.seq_len)
+  if texts:
+    raise EvalError(f"lang {lang!r}: the records mix texts and conversations; give them different langs")
+  skipped: dict[str, int] = {}
+  for x in items:
+    if isinstance(x, chat.ChatError):
+      skipped[x.reason] = skipped.get(x.reason, 0) + 1
+  convs = [x for x in items if not isinstance(x, chat.ChatError)]
+  return encode_chat_corpus(lang, convs, tok, cfg.data.seq_len, cfg.data.chat_template, skipped)
+
+
 def fertility(texts: Sequence[str], tok: Arcade100k) -> dict[str, float]:
   """Tokens per whitespace-separated word and per UTF-8 byte (of the NFC text), whole documents."""
   tokens = sum(len(x) for x in tok.encode_batch(list(texts)))
@@ -284,7 +348,7 @@ class TrainEvaluator:
     cfg = setup.cfg
     tok = load_tokenizer(cfg.data.tokenizer_path)
     texts = heldout_texts(cfg, cfg.train.eval_max_docs)
-    self.corpora = [encode_corpus(lang, t, tok, cfg.data.seq_len) for lang, t in texts.items()]
+    self.corpora = [encode_items(lang, t, tok, cfg) for lang, t in texts.items()]
     self.scorer = Scorer(setup, cfg.data.batch_size // cfg.optim.grad_accum_steps)
     self.batches = [list(self.scorer.device_batches(c.rows)) for c in self.corpora]
 
@@ -368,7 +432,7 @@ def evaluate_texts(run: LoadedRun, by_lang: dict[str, list[str]]) -> list[dict[s
   """Per-language result lines (then "all") for texts grouped by language."""
   cfg = run.setup.cfg
   tok = load_tokenizer(cfg.data.tokenizer_path)
-  corpora = [encode_corpus(lang, texts, tok, cfg.data.seq_len) for lang, texts in by_lang.items()]
+  corpora = [encode_items(lang, texts, tok, cfg) for lang, texts in by_lang.items()]
   return evaluate_corpora(Scorer(run.setup, cfg.data.batch_size), run.params, corpora)
 
 

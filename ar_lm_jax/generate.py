@@ -190,3 +190,22 @@ def generate_text(params, cfg: ModelConfig, prompts: Sequence[str], max_new_toke
   tok = load_tokenizer(tokenizer_path)
   ids = generate(params, cfg, tok.encode_batch(list(prompts)), max_new_tokens, sampling, jax.random.key(seed))
   return [{"prompt": p, "tokens": x, "text": tok.decode(x)} for p, x in zip(prompts, ids)]
+
+
+def generate_chat(params, cfg: ModelConfig, conversations: Sequence[Sequence[dict]], max_new_tokens: int,
+                  sampling: Sampling = GREEDY, seed: int = 0, tokenizer_path: Optional[str] = None,
+                  chat_template: str = "") -> list[dict]:
+  """The assistant's next reply to each conversation: rendered with the chat template and its generation
+  prompt (`chat.render`), decoded until <|im_end|> (not returned). {"tokens", "text"} per conversation."""
+  from ar_lm_jax import chat  # pylint: disable=import-outside-toplevel
+  tok = load_tokenizer(tokenizer_path)
+  prompts = []
+  for messages in conversations:
+    try:
+      ids, _ = chat.render(messages, chat_template, add_generation_prompt=True, tokenizer=tok)
+    except chat.ChatError as e:
+      raise GenerateError(f"conversation: {e}") from None
+    prompts.append(ids.tolist())
+  out = generate(params, cfg, prompts, max_new_tokens, sampling, jax.random.key(seed),
+                 eos_id=tok.special_tokens[chat.IM_END])
+  return [{"tokens": x, "text": tok.decode(x)} for x in out]

@@ -397,6 +397,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     summary = save_hf_model(CheckpointParams(ckpt_dir, step, cfg), cfg.model, tmp, dtype, cfg.model.scan_layers,
                             max_shard_bytes)
     save_hf_tokenizer(tokenizer, str(tmp))
+    from ar_lm_jax import chat
+    if chat.trains_on_chat(cfg.data):  # a fine-tuned chat model: its template, and generation stops at <|im_end|>
+      chat.write_hf_chat_files(str(tmp), cfg.data.chat_template)
     (tmp / RUN_CONFIG).write_text(dumps(cfg))
   return {"out": str(Path(out_dir)), "step": step, "dtype": dtype, **summary}
 

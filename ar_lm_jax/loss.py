@@ -43,11 +43,18 @@ _PARTIAL_GDV = ("batch", None, "act_vocab")
 _LOGITS_GbCV = ("batch", None, "length", "act_vocab")
 
 
-def targets_and_mask(tokens_BT: jax.Array, segment_ids_BT: jax.Array):
-  """targets[t] = tokens[t+1]; mask[t] = same non-padding segment at t and t+1 (last position never scored)."""
+def targets_and_mask(tokens_BT: jax.Array, segment_ids_BT: jax.Array, loss_mask_BT=None):
+  """targets[t] = tokens[t+1]; mask[t] = same non-padding segment at t and t+1 (last position never scored).
+
+  `loss_mask_BT[t]` (optional, default all ones) says whether token t is a scored target, e.g. an
+  assistant token of a conversation: position t is then scored only if token t+1 is.
+  """
   targets_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros_like(tokens_BT[:, :1])], axis=1)
   next_seg_BT = jnp.concatenate([segment_ids_BT[:, 1:], jnp.zeros_like(segment_ids_BT[:, :1])], axis=1)
   mask_BT = (segment_ids_BT != 0) & (next_seg_BT == segment_ids_BT)
+  if loss_mask_BT is not None:
+    next_scored_BT = jnp.concatenate([loss_mask_BT[:, 1:], jnp.zeros_like(loss_mask_BT[:, :1])], axis=1)
+    mask_BT = mask_BT & (next_scored_BT != 0)
   return targets_BT, mask_BT
 
 

@@ -14,7 +14,15 @@ which is what Llama-, OLMo- and GPT-style pretraining accept. Padding is still m
 reported (it is 0 with this method).
 
 Each row carries `segment_ids` (1, 2, 3, ... per document piece within the row; 0 would be
-padding) and `positions` (restarting at 0 at each document start and at each row start).
+padding), `positions` (restarting at 0 at each document start and at each row start) and
+`loss_mask` (1 where the token is a scored target: every token of plain text; the assistant turns
+of a chat conversation, from the block's own `loss_mask`, see `chat`).
+
+Conversations are documents here: each is its own segment, and one that crosses a row boundary
+(or is longer than a row) continues in the next row as a new segment, its loss mask cut with it.
+Its scored tokens there are still scored, with the context of that row's part only, exactly as a
+long pre-training document is treated; rows hold whole conversations when seq_len exceeds them,
+which is the case to aim for in fine-tuning (see docs/finetuning.md).
 
 Checkpointing: the packer reads *blocks* of documents (see `data_sources`) and remembers, for the
 next row it will emit, the parent's state before the block that row starts in plus the token
@@ -37,10 +45,12 @@ _ROWS_PER_FILL = 64  # ...but no more rows than this, so short rows do not read 
 _MAX_EMPTY_BLOCKS = 2000  # consecutive blocks without a document after which a source is declared unusable
 
 
-def pack_rows(tokens: np.ndarray, doc_start: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-  """Cuts `tokens` (a whole number of rows long) into rows with segment ids and positions.
+def pack_rows(tokens: np.ndarray, doc_start: np.ndarray, seq_len: int,
+              loss_mask: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+  """Cuts `tokens` (a whole number of rows long) into rows with segment ids, positions and loss mask.
 
   `doc_start` marks the first token of every document; a row start also starts a segment.
+  `loss_mask` (default: all ones) marks the tokens that are scored targets.
   """
   n = tokens.size // seq_len
   assert tokens.size == n * seq_len and doc_start.size == tokens.size
@@ -53,6 +63,8 @@ def pack_rows(tokens: np.ndarray, doc_start: np.ndarray, seq_len: int) -> dict[s
       "tokens": tokens.reshape(n, seq_len).astype(np.int32, copy=False),
       "segment_ids": segment_ids_NL,
       "positions": (idx_L - last_start_NL).astype(np.int32),
+      "loss_mask": (np.ones((n, seq_len), np.int32) if loss_mask is None
+                    else loss_mask.reshape(n, seq_len).astype(np.int32)),
   }
 
 
@@ -113,6 +125,11 @@ class _PackIterator(grain.DatasetIterator):
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) - self._offset
     ends = starts + sizes
     flat = np.concatenate([blocks[0]["tokens"][self._offset:]] + [b["tokens"] for b in blocks[1:]])
+    masks = [b.get("loss_mask") for b in blocks]  # chat blocks carry one; plain text scores every token
+    flat_mask = None
+    if any(m is not None for m in masks):
+      masks = [np.ones(b["tokens"].size, np.uint8) if m is None else m for m, b in zip(masks, blocks)]
+      flat_mask = np.concatenate([masks[0][self._offset:]] + masks[1:])
     n_rows = flat.size // L
     cut = n_rows * L
     doc_starts = np.concatenate([s + np.cumsum(b["lengths"], dtype=np.int64) - b["lengths"]
@@ -120,7 +137,7 @@ class _PackIterator(grain.DatasetIterator):
     doc_starts = doc_starts[(doc_starts >= 0) & (doc_starts < cut)]
     is_start = np.zeros(cut, bool)
     is_start[doc_starts] = True
-    rows = pack_rows(flat[:cut], is_start, L)
+    rows = pack_rows(flat[:cut], is_start, L, None if flat_mask is None else flat_mask[:cut])
     # A block's skip counts go to the row its first token falls in (blocks already begun were counted).
     skipped = np.zeros((n_rows, len(SKIP_REASONS)), np.int64)
     counted = (starts >= 0) & (starts < cut)

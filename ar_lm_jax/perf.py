@@ -158,7 +158,8 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0, me
       segment_ids[b, t:t + n] = seg
       positions[b, t:t + n] = np.arange(n)
       t, seg = t + n, seg + 1
-  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
+          "loss_mask": np.ones((batch_size, seq_len), np.int32)}
 
 
 def _cpu_seconds() -> float:

@@ -92,7 +92,7 @@ def state_from_params(setup: Setup, params: Any) -> State:
 def loss_sums(model: StableLM, params, batch: dict, cfg: Config):
   """(sum of NLL, sum of log(Z)^2) over the batch's scored positions."""
   hidden_BTD = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], return_hidden=True)
-  targets_BT, mask_BT = loss_lib.targets_and_mask(batch["tokens"], batch["segment_ids"])
+  targets_BT, mask_BT = loss_lib.targets_and_mask(batch["tokens"], batch["segment_ids"], batch.get("loss_mask"))
   # The chunked loss keeps one LM-head gradient partial per data shard, reduced once after its loop
   # (gcd: a batch that does not divide over `data`, e.g. an eval batch, still gets a valid grouping).
   groups = math.gcd(dict(jax.sharding.get_abstract_mesh().shape).get(sharding.DATA, 1), batch["tokens"].shape[0])
@@ -108,7 +108,8 @@ def loss_and_grads(params, batch: dict, *, model: StableLM, cfg: Config):
   holds one micro-batch's activations (the micro-batches run under lax.scan).
   """
   accum = cfg.optim.grad_accum_steps
-  _, mask_BT = loss_lib.targets_and_mask(batch["tokens"], batch["segment_ids"])
+  # Scored tokens of the whole batch (the loss mask of chat data included): every micro-batch divides by it.
+  _, mask_BT = loss_lib.targets_and_mask(batch["tokens"], batch["segment_ids"], batch.get("loss_mask"))
   n_tokens = jnp.maximum(jnp.sum(mask_BT), 1).astype(jnp.float32)
   z = cfg.optim.z_loss
 
@@ -176,7 +177,8 @@ def jit_train_step(setup: Setup) -> Callable:
   step = functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule, cfg=setup.cfg,
                            grad_shardings=setup.grad_shardings)
   batch_sh = sharding.batch_sharding(setup.mesh)
-  batch_shardings = {"tokens": batch_sh, "segment_ids": batch_sh, "positions": batch_sh}
+  # One sharding for every batch array (a pytree prefix): batches with or without a loss_mask.
+  batch_shardings = batch_sh
   replicated = NamedSharding(setup.mesh, P())
   return jax.jit(step, in_shardings=(setup.state_shardings, batch_shardings),
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
@@ -184,4 +186,4 @@ def jit_train_step(setup: Setup) -> Callable:
 
 def abstract_batch(cfg: Config) -> dict:
   shape = (cfg.data.batch_size, cfg.data.seq_len)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "segment_ids", "positions")}
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "segment_ids", "positions", "loss_mask")}

@@ -92,6 +92,7 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     t_last, step_last = now, step
     row = {"loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps,
            "skipped_steps": int(m["skipped_steps"])}
+    row["scored_tokens"] = int(m["tokens"])  # targets the loss averaged over (fine-tuning: the assistant tokens)
     if peak:
       row["mfu"] = tps * flops_per_token / (peak * jax.device_count())
     row.update(data_stats)  # with data/batch_hash, the global batch's fingerprint

@@ -5,6 +5,10 @@ Continues the prompt with a trainer checkpoint (KV-cached decoding, stops at EOS
 or after N tokens), prints the continuation, then a last line that is a JSON
 object {"tokens": the generated ids (EOS not included), "text": their decoding}. Exit codes: 0 ok,
 2 bad input (one line on stderr).
+
+--chat: the prompt is a user message (or a JSON list of {"role", "content"} messages); it is
+rendered with the run's chat template and generation prompt, decoding stops at <|im_end|>, and the
+assistant's reply is printed.
 """
 
 import json
@@ -24,6 +28,7 @@ def main() -> int:
   p.add_argument("--top_k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
   p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--chat", action="store_true", help="reply to --prompt as a chat model (the run's chat template)")
   _, args = cli.parse_args(p)
 
   if not args.prompt:  # checked before the checkpoint is read: the flags alone are wrong
@@ -35,13 +40,26 @@ def main() -> int:
     sampling = (generate.GREEDY if args.greedy else generate.Sampling(args.temperature, args.top_k, args.top_p)).check()
     run = evaluate.load_run(args.workdir, args.checkpoint, args.step)
     cfg = run.setup.cfg
-    [out] = generate.generate_text(run.params, cfg.model, [args.prompt], args.max_new_tokens, sampling, args.seed,
-                                   cfg.data.tokenizer_path)
+    if args.chat:
+      [out] = generate.generate_chat(run.params, cfg.model, [_messages(args.prompt)], args.max_new_tokens, sampling,
+                                     args.seed, cfg.data.tokenizer_path, cfg.data.chat_template)
+    else:
+      [out] = generate.generate_text(run.params, cfg.model, [args.prompt], args.max_new_tokens, sampling, args.seed,
+                                     cfg.data.tokenizer_path)
   except (evaluate.EvalError, generate.GenerateError) as e:
     raise cli.UsageError(str(e)) from None
   print(out["text"])
   print(json.dumps({"tokens": out["tokens"], "text": out["text"]}, ensure_ascii=False))
   return 0
+
+
+def _messages(prompt: str) -> list:
+  """--chat's prompt: a JSON list of messages, or a user message."""
+  try:
+    messages = json.loads(prompt)
+  except ValueError:
+    messages = None
+  return messages if isinstance(messages, list) else [{"role": "user", "content": prompt}]
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 import zstandard
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from ar_lm_jax import chat
 from ar_lm_jax import data_sources as ds
 from ar_lm_jax.config import ConfigError, SourceConfig
 from ar_lm_jax.tokenizer import load_tokenizer
@@ -209,7 +210,8 @@ def test_decode_block_skips_bad_records():
   assert block["tokens"].tolist() == [1, 2, 9, 4, 9]
   assert block["lengths"].tolist() == [3, 2]
   assert dict(zip(ds.SKIP_REASONS, block["skipped"].tolist())) == {
-      "malformed_json": 0, "missing_field": 0, "empty": 1, "invalid_utf8": 0, "truncated_file": 0, "bad_record": 2}
+      "malformed_json": 0, "missing_field": 0, "empty": 1, "invalid_utf8": 0, "truncated_file": 0, "bad_record": 2,
+      **{r: 0 for r in chat.SKIP_REASONS}}  # the chat reasons (format=chat) count nothing here
 
 
 def test_decode_block_counts_bad_records_in_the_first_pass_only_and_pass_ends():

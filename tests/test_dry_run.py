@@ -42,9 +42,9 @@ def test_recipe_dry_run_on_16_devices(tmp_path):
   # ZeRO-1: both AdamW moments split 16 ways (plus two int32 step counters).
   assert report["opt_state_bytes_per_device"] == pytest.approx(2 * 4 * RECIPE_PARAMS / 16, rel=1e-6)
   # XLA's own count of the compiled step's inputs agrees to the byte: our state shards, the two int32
-  # scalars of the state, and this device's 6 rows of tokens, segment ids and positions.
+  # scalars of the state, and this device's 6 rows of tokens, segment ids, positions and loss mask.
   mem = report["memory"]
-  batch_bytes = 6 * 4096 * 3 * 4
+  batch_bytes = 6 * 4096 * 4 * 4
   assert mem["argument"] == report["param_bytes_per_device"] + report["opt_state_bytes_per_device"] + 8 + batch_bytes
   assert mem["alias"] >= report["param_bytes_per_device"] + report["opt_state_bytes_per_device"]  # the state is donated
   assert 0 < mem["temp"] < 80e9  # the recipe's remat keeps it under an H100's 80 GB even with XLA attention

@@ -510,7 +510,8 @@ class StopRequest:
 
   def __init__(self, check_every: int):
     self.check_every = check_every
-    self.signal: Optional[str] = None  # the name of the signal received, if any
+    self.signal: Optional[str] = None  # the name of the signal this process received, if any
+    self.signalled: dict[int, str] = {}  # process index -> its signal, once the processes agreed to stop
     self._agreed = False
     self._previous: dict[int, Any] = {}
 
@@ -535,12 +536,23 @@ class StopRequest:
 
   def requested(self, step: int) -> bool:
     if jax.process_count() == 1:
+      if self.signal is not None and not self.signalled:
+        self.signalled = {0: self.signal}
       return self.signal is not None
     if not self._agreed and step % self.check_every == 0:
       from jax.experimental import multihost_utils
-      flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
-      self._agreed = bool(np.any(flags))
+      got = self.signal and signal.Signals[self.signal]
+      numbers = np.asarray(multihost_utils.process_allgather(np.int32(got or 0)))
+      self.signalled = {i: signal.Signals(int(n)).name for i, n in enumerate(numbers) if n}
+      self._agreed = bool(self.signalled)
     return self._agreed
+
+  def describe(self) -> str:
+    """'SIGTERM' in a single-process run; 'SIGTERM on process 1 of 2' when the processes stopped for another's signal."""
+    if jax.process_count() == 1 or not self.signalled:
+      return self.signal or ""
+    names = sorted(set(self.signalled.values()))
+    return f"{'/'.join(names)} on process {', '.join(map(str, sorted(self.signalled)))} of {jax.process_count()}"
 
 
 class BadStepGuard:

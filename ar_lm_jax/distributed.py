@@ -235,7 +235,7 @@ class PeerWatch:
     self.client.key_value_set(f"{_PREFIX}{self.index}", f"alive {n}", allow_overwrite=True)
 
   def _run(self) -> None:
-    t0 = last_ok = time.monotonic()
+    last_ok = time.monotonic()
     seen: dict[int, tuple[str, float]] = {}  # peer -> (its value, when it last changed)
     n = 0
     while not self._stop.wait(self.interval_s):
@@ -260,7 +260,7 @@ class PeerWatch:
         elif v == "done":
           continue
         elif j not in seen or seen[j][0] != v:
-          seen[j] = (v, now if j in seen else max(t0, now - self.interval_s))
+          seen[j] = (v, now)
         elif now - seen[j][1] > self.timeout_s:
           self._lost(j)
 
@@ -292,10 +292,21 @@ class PeerWatch:
     return found
 
   def leave(self, why: str) -> None:
-    """Tells the others that this process stops with an error (they exit with one line naming it)."""
+    """Tells the others that this process stops with an error (they exit with one line naming it).
+
+    Process 0 hosts the coordination service, whose end makes JAX abort the others at once: it waits
+    (at most peer_timeout_s) until each has left, found it lost, or finished.
+    """
     self._stop.set()
     try:
       self.client.key_value_set(f"{_PREFIX}{self.index}", f"left {why}", allow_overwrite=True)
+      deadline = time.monotonic() + self.timeout_s
+      while self.index == 0 and time.monotonic() < deadline:
+        values = dict(self.client.key_value_dir_get(_PREFIX))
+        if all(values.get(f"{_PREFIX}{j}", "").split(" ")[0] in ("left", "lost", "done") for j in range(1, self.count)):
+          time.sleep(0.5)  # their os._exit follows their last write
+          break
+        time.sleep(0.1)
     except Exception:  # noqa: BLE001
       pass
 
@@ -323,24 +334,28 @@ def note_progress(step: Optional[int] = None, checkpoints: Optional[Path] = None
       _WATCH.checkpoints = Path(checkpoints)
 
 
-def fail(e: BaseException) -> None:
-  """An unexpected error in a multi-process run; never returns.
+def exit_after_error(e: BaseException, code: int, line: Optional[str] = None) -> None:
+  """Ends a multi-process run that raised `e` on this process; never returns.
 
-  A collective that failed because a peer died (gloo raises at once; the watch needs up to
-  peer_timeout_s to be sure) ends in the watch's one line. Otherwise this process's own error is
-  printed, the others are told, and the process leaves without JAX's shutdown barrier (the others
-  may be stuck in a collective it will never join).
+  `line` (an expected error: bad input, a failed run) is printed as it is. An unexpected error may
+  be a collective that failed because a peer died (gloo raises at once; the watch needs up to
+  peer_timeout_s to be sure): that ends in the watch's one line; otherwise the traceback is printed.
+  Then the others are told, and the process leaves without JAX's shutdown barrier (the others may be
+  stuck in a collective it will never join).
   """
   w = _WATCH
-  if w is not None:
-    w.await_verdict()
-  traceback.print_exception(e)
+  if line is None:
+    if w is not None:
+      w.await_verdict()
+    traceback.print_exception(e)
+  else:
+    print(line, file=sys.stderr)
   if w is not None:
     first = (str(e).strip().splitlines() or [""])[0][:200]
     w.leave(f"{type(e).__name__}: {first}")
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(1)
+  os._exit(code)
 
 
 def finish() -> None:

@@ -36,6 +36,7 @@ def main() -> int:
     report = dry_run.dry_run(cfg)
     if is_main:
       print(json.dumps(report))
+    distributed.finish()
     return 0
   workdir = args.workdir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
   try:

@@ -167,7 +167,8 @@ def test_cloud_tpu_vm_is_detected_and_left_to_jax(calls, monkeypatch):
   assert distributed.initialize() is True
   # JAX's Cloud TPU cluster reads the workers and this host's index from the GCE metadata itself.
   assert calls["initialize"] == [{"coordinator_address": None, "num_processes": None, "process_id": None,
-                                  "initialization_timeout": 300}]
+                                  "local_device_ids": None, "initialization_timeout": 300,
+                                  "heartbeat_timeout_seconds": distributed.jax_heartbeat_timeout_s(60)}]
 
 
 @pytest.mark.parametrize("drop,ntasks", [("SLURM_STEP_NODELIST", "16"), (None, "1")])

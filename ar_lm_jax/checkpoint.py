@@ -73,9 +73,36 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def _short(e: BaseException) -> str:
+def _short(e: BaseException, innermost: bool = False) -> str:
+  """The exception's type and first line; `innermost`: of its deepest cause (orbax wraps TensorStore's error,
+  which names the array, in one that names only the slices read)."""
+  while innermost and e.__cause__ is not None:
+    e = e.__cause__
   first = (str(e).strip().splitlines() or [""])[0]
-  return f"{type(e).__name__}: {first[:200]}"
+  return f"{type(e).__name__}: {first[:300]}"
+
+
+def _orbax_leftover(unraisable: Any) -> bool:
+  """Whether an 'Exception ignored' report is the debris of a failed orbax read: the coroutines still
+  pending when its event loop closed, and TensorStore callbacks into that closed loop."""
+  exc = unraisable.exc_value
+  obj = unraisable.object
+  closed_loop = isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+  pending_read = getattr(getattr(obj, "cr_code", None), "co_filename", "").find("orbax") >= 0
+  return closed_loop or pending_read
+
+
+def _quiet_orbax_leftovers() -> None:
+  """After a failed array read, orbax's unfinished coroutines print 100-300 lines of 'Exception ignored'
+  and 'Event loop is closed' as they are collected; the warning line says everything they would."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_ar_lm_jax", False):
+    return
+  def hook(unraisable):
+    if not _orbax_leftover(unraisable):
+      previous(unraisable)
+  hook._ar_lm_jax = True
+  sys.unraisablehook = hook
 
 
 def _key_str(k: Any) -> str:
@@ -94,6 +121,51 @@ def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+_MESSAGE_BYTES = 600  # of each process's verdict message in _agreed's all-gather
+_OK, _UNUSABLE, _DOES_NOT_FIT, _FAILED = range(4)
+
+
+def _agreed(read: Any) -> Any:
+  """Runs `read()` on this process, then gives every process the same verdict with one all-gather.
+
+  Returns read's result when it succeeded everywhere. Otherwise raises, on every process alike:
+  CheckpointError when the step does not fit the run on some process; _Unusable naming the
+  process(es) whose part could not be read; RuntimeError when a read failed unexpectedly (a bug,
+  not damage: nothing is moved aside).
+  """
+  kind, message, result = _OK, "", None
+  try:
+    result = read()
+  except CheckpointError as e:
+    kind, message = _DOES_NOT_FIT, str(e)
+  except _Unusable as e:
+    kind, message = _UNUSABLE, str(e)
+  except Exception as e:  # noqa: BLE001 - reported below, on every process
+    if jax.process_count() == 1:
+      raise
+    kind, message = _FAILED, _short(e)
+  outcomes = [(kind, message)]
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    buf = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
+    encoded = message.encode()[:_MESSAGE_BYTES]
+    buf[0], buf[1:1 + len(encoded)] = kind, np.frombuffer(encoded, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf))
+    outcomes = [(int(r[0]), bytes(r[1:]).rstrip(b"\0").decode(errors="replace")) for r in rows]
+  who = (lambda i: f"process {i}: ") if len(outcomes) > 1 else (lambda i: "")
+  for k, error in ((_FAILED, RuntimeError), (_DOES_NOT_FIT, CheckpointError)):
+    failed = [(i, m) for i, (ki, m) in enumerate(outcomes) if ki == k]
+    if failed:
+      i, m = failed[0]
+      raise error(f"{who(i)}{m}" if k == _FAILED else m)
+  unusable = [f"{who(i)}{m}" for i, (k, m) in enumerate(outcomes) if k == _UNUSABLE]
+  if unusable:
+    # The same damage seen by every process (a shared file) is said once.
+    same = len(set(m for k, m in outcomes if k == _UNUSABLE)) == 1 and len(unusable) == len(outcomes)
+    raise _Unusable(outcomes[0][1] if same else "; ".join(unusable))
+  return result
 
 
 def _everywhere(flag: bool) -> bool:
@@ -181,10 +253,13 @@ def _read_data_states(directory: Path) -> list:
   missing = [f"process_{i}-of-{n}.json" for i in range(n) if (i, n) not in found]
   if missing:
     raise _Unusable(f"its data item lacks {missing[0]}")
-  try:
-    return [json.loads(found[(i, n)].read_text()) for i in range(n)]
-  except (OSError, ValueError) as e:
-    raise _Unusable(f"cannot read its data state ({_short(e)})") from None
+  states = []
+  for i in range(n):
+    try:
+      states.append(json.loads(found[(i, n)].read_text()))
+    except (OSError, ValueError) as e:
+      raise _Unusable(f"cannot read data/{found[(i, n)].name} ({_short(e)})") from None
+  return states
 
 
 @ocp.args.register_with_handler(_ProcessJsonHandler, for_save=True)
@@ -254,10 +329,15 @@ class Checkpointer:
     """The newest checkpoint that reads back intact, placed in `shardings`; None in a fresh directory.
 
     A checkpoint that cannot be read, or whose arrays differ from their fingerprint, is moved aside
-    to `<step>.corrupt-<time>` with a warning and the previous one is tried; when none is left,
+    to `<step>.corrupt-<time>` with one warning line and the previous one is tried; when none is left,
     CheckpointError. An intact checkpoint that does not fit this run (another model shape, a
     params-only conversion, another process count) raises CheckpointError and nothing is moved:
     the run is what is wrong, not the checkpoint.
+
+    In a multi-process run every process reads its part without any collective, then one all-gather
+    gives every process the same verdict (usable, unusable and why, does not fit), so that all move a
+    step aside, fall back or stop together: a process whose own file is damaged never leaves the
+    others waiting in a barrier it skipped.
     """
     self._move_aside_unfinished()
     steps = sorted(self.manager.all_steps(), reverse=True)
@@ -270,25 +350,24 @@ class Checkpointer:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
     problems = []
     for step in steps:
-      why = None
       try:
-        restored = self._restore_step(step, target)
+        small = _agreed(lambda: self._read_small(step, target))
+        state = _agreed(lambda: self._read_state(step, target))
+        _agreed(lambda: self._check_fingerprints(state, small["fingerprint"]))
       except _Unusable as e:
-        why = str(e)
-      if not _everywhere(why is None):  # a file only one process reads may be the damaged one
-        why = why or "another process could not read its part"
         moved = self._move_aside(self.directory / str(step), "corrupt")
-        _warn(f"checkpoint step {step} in {self.directory} is unusable: {why}; moved it to {moved.name}"
+        _warn(f"checkpoint step {step} is unusable: {e}; moved it to {moved.name}"
               + ("; trying the previous one" if step != steps[-1] else ""))
-        problems.append(f"step {step}: {why}")
+        problems.append(f"step {step}: {e}")
         continue
       self.last_saved_step = step
-      self._note_config_changes(step, restored.config)
-      return restored
+      self._note_config_changes(step, small["config"])
+      return Restored(step, state, small["data"], small["config"], small["data_states"])
     raise CheckpointError(f"no usable checkpoint in {self.directory} ({'; '.join(problems)}); "
                           "each was moved aside as <step>.corrupt-<time>")
 
-  def _restore_step(self, step: int, target: Any) -> Restored:
+  def _read_small(self, step: int, target: Any) -> dict:
+    """This process's reads of a step's config, fingerprint, data state and array metadata (no collective)."""
     path = self.directory / str(step)
     missing = [item for item in ITEMS if not (path / item).is_dir()]
     if missing == ["data"]:
@@ -297,27 +376,38 @@ class Checkpointer:
     if missing:
       raise _Unusable(f"its {', '.join(missing)} item(s) are missing")
     data_states = _read_data_states(path / "data")
-    try:
-      small = self.manager.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore(), fingerprint=ocp.args.JsonRestore()))
-    except Exception as e:  # noqa: BLE001 - whatever the reader raises, this checkpoint cannot be used
-      raise _Unusable(f"cannot read its config or fingerprint ({_short(e)})") from None
-    own = data_states[jax.process_index()] if len(data_states) == jax.process_count() else None
+    # The handlers themselves, not the manager: its restore ends in a barrier that a process whose
+    # read failed would skip.
+    small = {}
+    for item in ("config", "fingerprint"):
+      try:
+        small[item] = ocp.handlers.JsonCheckpointHandler().restore(epath.Path(path / item))
+      except Exception as e:  # noqa: BLE001 - whatever the reader raises, this checkpoint cannot be used
+        raise _Unusable(f"cannot read {item}/metadata ({_short(e)})") from None
+    small["data"] = data_states[jax.process_index()] if len(data_states) == jax.process_count() else None
+    small["data_states"] = data_states
     try:
       saved = ocp.StandardCheckpointHandler().metadata(epath.Path(path / "state"))
       saved_shapes = {path_str(p): (tuple(m.shape), str(m.dtype))
                       for p, m in jax.tree_util.tree_flatten_with_path(saved.tree)[0]}
     except Exception as e:  # noqa: BLE001
-      raise _Unusable(f"cannot read its state metadata ({_short(e)})") from None
+      raise _Unusable(f"cannot read the state's metadata ({_short(e)})") from None
     self._check_fits(step, saved_shapes, target)
+    return small
+
+  def _read_state(self, step: int, target: Any) -> Any:
+    """This process's shards of a step's arrays, read by the handler (no barrier; see _read_small)."""
     try:
-      state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+      return ocp.StandardCheckpointHandler().restore(epath.Path(self.directory / str(step) / "state"),
+                                                     args=ocp.args.StandardRestore(target))
     except Exception as e:  # noqa: BLE001
-      raise _Unusable(f"cannot read its state ({_short(e)})") from None
-    bad = _mismatches(state, small["fingerprint"])
+      _quiet_orbax_leftovers()
+      raise _Unusable(f"cannot read its state arrays ({_short(e, innermost=True)})") from None
+
+  def _check_fingerprints(self, state: Any, saved: dict) -> None:
+    bad = _mismatches(state, saved)
     if bad:
       raise _Unusable(f"{len(bad)} array(s) differ from the fingerprint taken when it was saved ({', '.join(bad[:3])})")
-    return Restored(step, state, own, small["config"], data_states)
 
   def _check_fits(self, step: int, saved: dict[str, tuple], target: Any) -> None:
     want = {path_str(p): (tuple(a.shape), str(a.dtype)) for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}
@@ -501,7 +591,8 @@ class StopRequest:
 
   def __init__(self, check_every: int):
     self.check_every = check_every
-    self.signal: Optional[str] = None  # the name of the signal received, if any
+    self.signal: Optional[str] = None  # the name of the signal this process received, if any
+    self.signalled: dict[int, str] = {}  # process index -> its signal, once the processes agreed to stop
     self._agreed = False
     self._previous: dict[int, Any] = {}
 
@@ -526,12 +617,23 @@ class StopRequest:
 
   def requested(self, step: int) -> bool:
     if jax.process_count() == 1:
+      if self.signal is not None and not self.signalled:
+        self.signalled = {0: self.signal}
       return self.signal is not None
     if not self._agreed and step % self.check_every == 0:
       from jax.experimental import multihost_utils
-      flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
-      self._agreed = bool(np.any(flags))
+      got = self.signal and signal.Signals[self.signal]
+      numbers = np.asarray(multihost_utils.process_allgather(np.int32(got or 0)))
+      self.signalled = {i: signal.Signals(int(n)).name for i, n in enumerate(numbers) if n}
+      self._agreed = bool(self.signalled)
     return self._agreed
+
+  def describe(self) -> str:
+    """'SIGTERM' in a single-process run; 'SIGTERM on process 1 of 2' when the processes stopped for another's signal."""
+    if jax.process_count() == 1 or not self.signalled:
+      return self.signal or ""
+    names = sorted(set(self.signalled.values()))
+    return f"{'/'.join(names)} on process {', '.join(map(str, sorted(self.signalled)))} of {jax.process_count()}"
 
 
 class BadStepGuard:

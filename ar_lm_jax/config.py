@@ -257,6 +257,7 @@ class CheckpointConfig:
   keep_aside: int = 2  # newest moved-aside .partial-* and .corrupt-* directories kept (each kind) for inspection; older ones are deleted
   async_save: bool = True  # write in the background so the train loop does not wait for disk
   stop_check_every: int = 10  # steps between the processes' agreement on a SIGTERM/SIGINT stop (multi-process runs; one process checks every step)
+  peer_timeout_s: int = 60  # seconds a process may miss heartbeats before the others call it lost and exit 1 with one line (multi-process runs)
   init_from: Optional[str] = None  # fresh-run weights: an HF StableLm dir or one of our workdirs (latest step); a resume wins
 
   def __post_init__(self):
@@ -265,6 +266,7 @@ class CheckpointConfig:
     _check(self.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
     _check(self.keep_aside >= 0, "checkpoint.keep_aside", "must be >= 0")
     _check(self.stop_check_every > 0, "checkpoint.stop_check_every", "must be positive")
+    _check(self.peer_timeout_s >= 5, "checkpoint.peer_timeout_s", "must be >= 5 (heartbeats go every peer_timeout_s / 5 seconds)")
     _check(not (self.keep_every and self.every_steps) or self.keep_every % self.every_steps == 0, "checkpoint.keep_every",
            f"{self.keep_every} is not a multiple of checkpoint.every_steps={self.every_steps}, so no saved step would be kept")
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import jax
 
 from ar_lm_jax import data as data_lib
+from ar_lm_jax import distributed
 from ar_lm_jax import evaluate as evaluate_lib
 from ar_lm_jax import perf, sharding
 from ar_lm_jax import train as train_lib
@@ -42,6 +43,7 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
        f"{jax.process_count()} process(es)")
 
   ckpt = Checkpointer(workdir / "checkpoints", cfg)
+  distributed.note_progress(checkpoints=ckpt.directory)  # for the line that reports a lost peer
   data_iter = data_lib.make_train_iterator(cfg.data, seed=cfg.train.seed, process_index=jax.process_index(),
                                            process_count=jax.process_count())
   restored = ckpt.restore_latest(setup.abstract_state, setup.state_shardings)
@@ -107,6 +109,7 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   step, finite = start_step, None  # finite: the last step's flag, read once the next step is queued behind it
   try:
     while step < end_step and not stop.requested(step):
+      distributed.note_progress(step=step)
       local_batch = next(data_iter)
       batch = sharding.global_batch(local_batch, setup.mesh)
       state, metrics = compiled(state, batch)
@@ -145,8 +148,8 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
         _say(f"not saving step {step}: its last {bad.streak} step(s) were non-finite; "
              f"the last good checkpoint is step {ckpt.last_saved_step}")
     ckpt.wait()
-    if stop.signal:
-      _say(f"{stop.signal}: stopped at step {step} with a checkpoint in {ckpt.directory}; "
+    if stop.signalled or (stop.signal and jax.process_count() == 1):  # this process's signal, or another's (process 0 says which)
+      _say(f"{stop.describe()}: stopped at step {step} with a checkpoint in {ckpt.directory}; "
            "run the same command again to continue")
   finally:
     stop.uninstall()
@@ -154,5 +157,7 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     writer.close()
   summary = {"workdir": str(workdir), "metrics": str(workdir / "metrics.jsonl"),
              "checkpoints": str(ckpt.directory), "steps": step, "first_loss": first_loss, "last_loss": last_loss,
-             "compile_s": compile_s, "stop_signal": stop.signal}
+             "compile_s": compile_s,
+             "stop_signal": stop.signal or next(iter(stop.signalled.values()), None),
+             "stop_signal_processes": sorted(stop.signalled)}
   return summary

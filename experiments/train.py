@@ -30,22 +30,39 @@ def main() -> int:
   from ar_lm_jax import perf  # XLA reads XLA_FLAGS once, when a backend starts: the GPU flags go first
   perf.apply_gpu_xla_flags()
   from ar_lm_jax import checkpoint, distributed, trainer  # jax is imported only after the flags parsed
-  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  multi = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                                 peer_timeout_s=cfg.checkpoint.peer_timeout_s)
   import jax
+  from ar_lm_jax.config import ConfigError
   is_main = jax.process_index() == 0  # only process 0 prints (and logs, and writes metrics)
   if args.dry_run:
     from ar_lm_jax import dry_run
     report = dry_run.dry_run(cfg)
     if is_main:
       print(json.dumps(report))
+    distributed.finish()
     return 0
   workdir = args.workdir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
   try:
+    launch = distributed.check_launch(cfg)  # how many processes and devices joined, against the mesh
+    if is_main:
+      print(launch, flush=True)
     with cli.train_workdir(workdir, is_main):  # new, empty or one of our runs; a failed start leaves nothing
       summary = trainer.run(cfg, workdir)
   except checkpoint.NonFiniteError as e:  # a failed run, not bad input: exit 1, one line
+    if multi:
+      distributed.exit_after_error(e, 1, f"error: {e}")
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except ConfigError as e:
+    if multi:  # the others must not wait for this process in a collective, nor it for them at exit
+      distributed.exit_after_error(e, cli.EXIT_BAD_INPUT, f"error: {e}")
+    raise
+  except Exception as e:  # noqa: BLE001 - in a multi-process run, perhaps a peer that died
+    if multi:
+      distributed.exit_after_error(e, 1)
+    raise
+  distributed.finish()
   if is_main:
     print(f"metrics: {summary['metrics']}\ncheckpoints: {summary['checkpoints']}")
     print(json.dumps(summary))

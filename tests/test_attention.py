@@ -260,6 +260,23 @@ def test_cudnn_kernel_lowered_for_cuda_receives_lengths_and_offsets_not_a_bias(m
   config = line.replace("\\22", '"')
   for want in ('"mask_type": "CAUSAL"', f'"max_seg_per_batch": {M}', '"is_flash_attention": true', f'"fmha_scale": {Hc ** -0.5}'):
     assert want in config, want
+  assert not re.search(rf"tensor<(\d+x)*{Tc}x{Tc}x", exported.mlir_module())  # no [.., T, S] mask, bias or scores
+
+
+def test_splash_lowers_for_tpu_at_the_recipe_shape():
+  """Mosaic lowering (jax's half of a TPU compile) of forward and backward for one device's [6, 4096, 32, 64] bf16.
+
+  The serialized kernels are compiled by libtpu only on a TPU or in the TPU dry run.
+  """
+  loss = lambda q, k, v, s: jnp.sum(splash_attention.attention(q, k, v, s, interpret=False).astype(jnp.float32))
+  qkv = jax.ShapeDtypeStruct((6, 4096, 32, 64), jnp.bfloat16)
+  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["tpu"])(
+      qkv, qkv, qkv, jax.ShapeDtypeStruct((6, 4096), jnp.int32))
+  text = exported.mlir_module()
+  assert set(re.findall(r"custom_call @([\w$.]+)", text)) == {"tpu_custom_call"}
+  assert sorted(set(re.findall(r'kernel_name = "([^"]+)"', text))) == [
+      "splash_mha_dkv_segmented_no_residuals", "splash_mha_dq_segmented_no_residuals", "splash_mha_fwd_segmented_residuals"]
+  assert "4096x4096" not in text  # no [T, S] mask or scores anywhere in the program
 
 
 # ---- auto, the config, the model ----

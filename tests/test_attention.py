@@ -286,7 +286,8 @@ def test_auto_resolves_to_the_flash_kernel_of_each_platform():
   assert [attention.resolve_attention(bf16, p) for p in ("gpu", "cuda", "tpu", "cpu")] == ["cudnn", "cudnn", "splash", "xla"]
   assert attention.resolve_attention(fp32, "gpu") == "pallas"  # cuDNN's flash kernel takes only bf16/fp16
   for impl in ("xla", "cudnn", "pallas", "splash"):
-    assert {attention.resolve_attention(ModelConfig(attention=impl), p) for p in ("gpu", "tpu", "cpu")} == {impl}
+    explicit = ModelConfig(attention=impl, dtype="bfloat16")
+    assert {attention.resolve_attention(explicit, p) for p in ("gpu", "tpu", "cpu")} == {impl}
 
 
 def test_recipe_and_dry_run_name_a_flash_kernel_for_gpu():
@@ -304,6 +305,8 @@ def test_recipe_and_dry_run_name_a_flash_kernel_for_gpu():
 def test_config_checks_attention_and_splash_blocks():
   with pytest.raises(ConfigError, match="model.attention"):
     ModelConfig(attention="flash")
+  with pytest.raises(ConfigError, match="model.attention: cudnn's flash kernel takes bf16 only"):
+    ModelConfig(attention="cudnn", dtype="float32")
   with pytest.raises(ConfigError, match="model.splash_block_kv"):
     ModelConfig(splash_block_kv=100)
   with pytest.raises(ConfigError, match="model.splash_block_q"):

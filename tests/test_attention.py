@@ -228,6 +228,31 @@ def test_attention_from_the_cudnn_offsets_equals_the_reference():
                                rtol=1e-12, atol=1e-12)
 
 
+def _cudnn_by_offsets(q, k, v, q_seqlen, kv_seqlen, q_offsets, kv_offsets, *, scale, mask_type, qkv_layout):
+  """Stands in for cuDNN's packed causal attention on CPU: attention inside [offset, offset + length) of each listed document."""
+  assert qkv_layout == "BTNH" and mask_type.name == "CAUSAL" and scale == q.shape[-1] ** -0.5
+  t_T = jnp.arange(q.shape[1])
+  start_BM, n_BM = q_offsets[:, :-1], q_seqlen
+  inside_BMT = (t_T >= start_BM[..., None]) & (t_T < (start_BM + n_BM)[..., None]) & (n_BM[..., None] > 0)
+  doc_BT = jnp.where(inside_BMT.any(1), jnp.argmax(inside_BMT, axis=1), -1 - t_T)  # a token no document covers sees itself only
+  return attention.xla_attention(q, k, v, doc_BT)
+
+
+@pytest.mark.parametrize("M", [4, 3])  # row 0 holds 4 documents (padding included): M = 3 must take the Pallas kernel
+def test_cudnn_path_with_more_documents_than_m_falls_back_to_pallas(M, monkeypatch, reference_grads):
+  """The cuDNN path end to end on CPU, values and gradients, with cuDNN emulated from its offsets and Pallas interpreted."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  monkeypatch.setattr(cudnn_fa, "dot_product_attention", _cudnn_by_offsets)
+  pallas_kernel = flash_attention.kernel  # the GPU kernel, in interpret mode here
+  monkeypatch.setattr(flash_attention, "kernel", lambda q, k, v, s, interpret: pallas_kernel(q, k, v, s, interpret=True))
+  (q, k, v, w), want_out, want_grads = reference_grads
+  seg = jnp.asarray(SEGMENTS)
+  out, vjp = jax.vjp(jax.jit(lambda q, k, v: attention._cudnn_kernel(q, k, v, seg, max_segments=M)), q, k, v)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), rtol=1e-5, atol=1e-5)
+  for name, got, want in zip("qkv", vjp(w), want_grads):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
 def test_cudnn_kernel_lowered_for_cuda_receives_lengths_and_offsets_not_a_bias(monkeypatch):
   """Lowers the train-step kernel (forward and backward) for CUDA on this CPU host and reads the cuDNN custom calls.
 

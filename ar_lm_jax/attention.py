@@ -143,7 +143,7 @@ def _cudnn_kernel(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, *, max_segments: int):
 
 def cudnn_attention(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, max_segments: int = 64):
   """cuDNN's packed-document flash attention on GPU (q, k, v bf16/fp16); the reference elsewhere."""
-  if current_platform() != "gpu":
+  if current_platform() not in ("gpu", "cuda"):
     return xla_attention(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT)
   kernel = lambda q, k, v, s: _cudnn_kernel(q, k, v, s, max_segments=max_segments)
   return per_shard(kernel)(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT)

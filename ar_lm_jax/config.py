@@ -63,6 +63,8 @@ class ModelConfig:
     _check(self.param_dtype in ("float32", "bfloat16"), "model.param_dtype", f"must be float32 or bfloat16, got {self.param_dtype!r}")
     _check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
     _check(self.attention in ATTENTION_IMPLS, "model.attention", f"must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+    _check(self.attention != "cudnn" or self.dtype == "bfloat16", "model.attention",
+           "cudnn's flash kernel takes bf16 only: set model.dtype=bfloat16, or use auto (pallas for float32)")
     _check(self.max_segments_per_row > 0, "model.max_segments_per_row", "must be positive")
     for k in ("splash_block_q", "splash_block_kv", "splash_block_q_dkv", "splash_block_kv_dkv"):
       # TPU tiles are (8, 128) vregs: splash blocks must be whole multiples of the 128 lanes.

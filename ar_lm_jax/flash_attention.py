@@ -36,5 +36,5 @@ def kernel(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, interpret: bool):
 def attention(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, interpret: Optional[bool] = None):
   """Causal attention within each segment; q, k, v [B, T, N, H] of one dtype, segment_ids [B, T] int32."""
   if interpret is None:
-    interpret = attention_lib.current_platform() != "gpu"
+    interpret = attention_lib.current_platform() not in ("gpu", "cuda")
   return attention_lib.per_shard(functools.partial(kernel, interpret=interpret))(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT)

@@ -53,6 +53,7 @@ def _kernel(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, *, blocks, interpret: bool):
   _, T, N, H = q_BTNH.shape
   kernel = _make_kernel(N, T, blocks, interpret)
   to_NTH = lambda x_BTNH: jnp.swapaxes(x_BTNH, 1, 2)
+  # Scaled before the kernel, in q's dtype: exact in bf16 when H is a power of 4 (H = 64: x 0.125).
   q_BNTH = to_NTH(q_BTNH * jnp.asarray(H ** -0.5, q_BTNH.dtype))
   out_BNTH = jax.vmap(kernel)(q_BNTH, to_NTH(k_BTNH), to_NTH(v_BTNH),
                               splash.SegmentIds(q=segment_ids_BT, kv=segment_ids_BT))

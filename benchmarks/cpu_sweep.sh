@@ -25,7 +25,6 @@ SETTINGS=(
   "--config.train.loss_chunk_size=0"
   "--config.train.loss_chunk_size=32"
   "--config.train.loss_chunk_size=64"
-  "--config.model.attention=cudnn"
 )
 
 run() {  # $1: label, rest: flags

@@ -228,6 +228,31 @@ def test_attention_from_the_cudnn_offsets_equals_the_reference():
                                rtol=1e-12, atol=1e-12)
 
 
+def _cudnn_by_offsets(q, k, v, q_seqlen, kv_seqlen, q_offsets, kv_offsets, *, scale, mask_type, qkv_layout):
+  """Stands in for cuDNN's packed causal attention on CPU: attention inside [offset, offset + length) of each listed document."""
+  assert qkv_layout == "BTNH" and mask_type.name == "CAUSAL" and scale == q.shape[-1] ** -0.5
+  t_T = jnp.arange(q.shape[1])
+  start_BM, n_BM = q_offsets[:, :-1], q_seqlen
+  inside_BMT = (t_T >= start_BM[..., None]) & (t_T < (start_BM + n_BM)[..., None]) & (n_BM[..., None] > 0)
+  doc_BT = jnp.where(inside_BMT.any(1), jnp.argmax(inside_BMT, axis=1), -1 - t_T)  # a token no document covers sees itself only
+  return attention.xla_attention(q, k, v, doc_BT)
+
+
+@pytest.mark.parametrize("M", [4, 3])  # row 0 holds 4 documents (padding included): M = 3 must take the Pallas kernel
+def test_cudnn_path_with_more_documents_than_m_falls_back_to_pallas(M, monkeypatch, reference_grads):
+  """The cuDNN path end to end on CPU, values and gradients, with cuDNN emulated from its offsets and Pallas interpreted."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  monkeypatch.setattr(cudnn_fa, "dot_product_attention", _cudnn_by_offsets)
+  pallas_kernel = flash_attention.kernel  # the GPU kernel, in interpret mode here
+  monkeypatch.setattr(flash_attention, "kernel", lambda q, k, v, s, interpret: pallas_kernel(q, k, v, s, interpret=True))
+  (q, k, v, w), want_out, want_grads = reference_grads
+  seg = jnp.asarray(SEGMENTS)
+  out, vjp = jax.vjp(jax.jit(lambda q, k, v: attention._cudnn_kernel(q, k, v, seg, max_segments=M)), q, k, v)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), rtol=1e-5, atol=1e-5)
+  for name, got, want in zip("qkv", vjp(w), want_grads):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
 def test_cudnn_kernel_lowered_for_cuda_receives_lengths_and_offsets_not_a_bias(monkeypatch):
   """Lowers the train-step kernel (forward and backward) for CUDA on this CPU host and reads the cuDNN custom calls.
 
@@ -260,6 +285,23 @@ def test_cudnn_kernel_lowered_for_cuda_receives_lengths_and_offsets_not_a_bias(m
   config = line.replace("\\22", '"')
   for want in ('"mask_type": "CAUSAL"', f'"max_seg_per_batch": {M}', '"is_flash_attention": true', f'"fmha_scale": {Hc ** -0.5}'):
     assert want in config, want
+  assert not re.search(rf"tensor<(\d+x)*{Tc}x{Tc}x", exported.mlir_module())  # no [.., T, S] mask, bias or scores
+
+
+def test_splash_lowers_for_tpu_at_the_recipe_shape():
+  """Mosaic lowering (jax's half of a TPU compile) of forward and backward for one device's [6, 4096, 32, 64] bf16.
+
+  The serialized kernels are compiled by libtpu only on a TPU or in the TPU dry run.
+  """
+  loss = lambda q, k, v, s: jnp.sum(splash_attention.attention(q, k, v, s, interpret=False).astype(jnp.float32))
+  qkv = jax.ShapeDtypeStruct((6, 4096, 32, 64), jnp.bfloat16)
+  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["tpu"])(
+      qkv, qkv, qkv, jax.ShapeDtypeStruct((6, 4096), jnp.int32))
+  text = exported.mlir_module()
+  assert set(re.findall(r"custom_call @([\w$.]+)", text)) == {"tpu_custom_call"}
+  assert sorted(set(re.findall(r'kernel_name = "([^"]+)"', text))) == [
+      "splash_mha_dkv_segmented_no_residuals", "splash_mha_dq_segmented_no_residuals", "splash_mha_fwd_segmented_residuals"]
+  assert "4096x4096" not in text  # no [T, S] mask or scores anywhere in the program
 
 
 # ---- auto, the config, the model ----
@@ -269,7 +311,8 @@ def test_auto_resolves_to_the_flash_kernel_of_each_platform():
   assert [attention.resolve_attention(bf16, p) for p in ("gpu", "cuda", "tpu", "cpu")] == ["cudnn", "cudnn", "splash", "xla"]
   assert attention.resolve_attention(fp32, "gpu") == "pallas"  # cuDNN's flash kernel takes only bf16/fp16
   for impl in ("xla", "cudnn", "pallas", "splash"):
-    assert {attention.resolve_attention(ModelConfig(attention=impl), p) for p in ("gpu", "tpu", "cpu")} == {impl}
+    explicit = ModelConfig(attention=impl, dtype="bfloat16")
+    assert {attention.resolve_attention(explicit, p) for p in ("gpu", "tpu", "cpu")} == {impl}
 
 
 def test_recipe_and_dry_run_name_a_flash_kernel_for_gpu():
@@ -287,6 +330,8 @@ def test_recipe_and_dry_run_name_a_flash_kernel_for_gpu():
 def test_config_checks_attention_and_splash_blocks():
   with pytest.raises(ConfigError, match="model.attention"):
     ModelConfig(attention="flash")
+  with pytest.raises(ConfigError, match="model.attention: cudnn's flash kernel takes bf16 only"):
+    ModelConfig(attention="cudnn", dtype="float32")
   with pytest.raises(ConfigError, match="model.splash_block_kv"):
     ModelConfig(splash_block_kv=100)
   with pytest.raises(ConfigError, match="model.splash_block_q"):

@@ -198,6 +198,10 @@ def check_launch(cfg: Config, devices: Optional[Sequence] = None, local_device_c
   if m.data != -1 and m.data * m.model != len(devices):
     raise ConfigError(f"mesh: data={m.data} x model={m.model} needs {m.data * m.model} devices, but this launch joined "
                       f"{summary} (mesh.data=-1 takes the devices mesh.model leaves)")
+  # The model and batch must divide over the mesh too: checked here, so a bad mesh prints its one
+  # error line and not a launch line before it.
+  from ar_lm_jax import sharding  # pylint: disable=import-outside-toplevel
+  sharding.validate(cfg, len(devices), max(1, len(per_process)))
   return f"launch: {summary}"
 
 

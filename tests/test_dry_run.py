@@ -76,7 +76,7 @@ def test_gpu_only_attention_reports_why_there_is_no_memory_analysis():
 
 
 @pytest.mark.parametrize("devices,flags,message", [
-    (1, ["--config.mesh.data=3"], "mesh: data=3 x model=1 = 3 does not match the 1 devices"),
+    (1, ["--config.mesh.data=3"], "mesh: data=3 x model=1 needs 3 devices, but this launch joined 1 process(es)"),
     (3, ["--config.mesh.data=1", "--config.mesh.model=3", "--dry_run"], "mesh.model: 3 does not divide model.num_heads=4"),
     (4, ["--config.mesh.data=1", "--config.mesh.model=4", "--config.model.intermediate_size=178"],
      "mesh.model: 4 does not divide model.intermediate_size=178"),

@@ -248,13 +248,24 @@ def _skip_bytes(f: io.BufferedIOBase, n: int) -> None:
     n -= len(chunk)
 
 
-def _parse_json(line: bytes, field: str) -> str | int:
+class _Bad(int):
+  """A skip reason's index, returned in place of a parsed record."""
+
+
+def _load_json(line: bytes) -> Any:
+  """The line's JSON value, or the reason (a _Bad) it is skipped."""
   try:
-    record = json.loads(line)
+    return json.loads(line)
   except UnicodeDecodeError:
-    return _REASON["invalid_utf8"]
+    return _Bad(_REASON["invalid_utf8"])
   except ValueError:
-    return _REASON["malformed_json"]
+    return _Bad(_REASON["malformed_json"])
+
+
+def _parse_json(line: bytes, field: str) -> str | int:
+  record = _load_json(line)
+  if isinstance(record, _Bad):
+    return int(record)
   text = record.get(field) if isinstance(record, dict) else None
   if not isinstance(text, str):
     return _REASON["missing_field"]
@@ -274,12 +285,9 @@ def _check_text(text: str) -> str | int:
 
 def _parse_chat(line: bytes) -> list[dict[str, str]] | int:
   """A conversation's validated messages, or the reason it is skipped."""
-  try:
-    record = json.loads(line)
-  except UnicodeDecodeError:
-    return _REASON["invalid_utf8"]
-  except ValueError:
-    return _REASON["malformed_json"]
+  record = _load_json(line)
+  if isinstance(record, _Bad):
+    return int(record)
   try:
     return chat.messages_of(record)
   except chat.ChatError as e:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -92,9 +93,31 @@ def _orbax_leftover(unraisable: Any) -> bool:
   return closed_loop or pending_read
 
 
+def _orbax_unretrieved(record: logging.LogRecord) -> bool:
+  """Whether an asyncio log record is a failed orbax read's other futures ('... exception was never
+  retrieved'), logged when the garbage collector reaches them, so only on some runs."""
+  if "exception was never retrieved" not in record.getMessage():
+    return False
+  tb = record.exc_info[2] if record.exc_info else None
+  files = []
+  while tb is not None:
+    files.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  return any("orbax" in f for f in files) or "Encountered error while reading array" in record.getMessage()
+
+
+class _DropOrbaxUnretrieved(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not _orbax_unretrieved(record)
+
+
 def _quiet_orbax_leftovers() -> None:
   """After a failed array read, orbax's unfinished coroutines print 100-300 lines of 'Exception ignored'
-  and 'Event loop is closed' as they are collected; the warning line says everything they would."""
+  and 'Event loop is closed' as they are collected, and asyncio logs the other reads' errors as 'never
+  retrieved'; the warning line says everything they would."""
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropOrbaxUnretrieved) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_DropOrbaxUnretrieved())
   previous = sys.unraisablehook
   if getattr(previous, "_ar_lm_jax", False):
     return
@@ -397,11 +420,11 @@ class Checkpointer:
 
   def _read_state(self, step: int, target: Any) -> Any:
     """This process's shards of a step's arrays, read by the handler (no barrier; see _read_small)."""
+    _quiet_orbax_leftovers()  # before the read: the collector may reach a failed read's futures during it
     try:
       return ocp.StandardCheckpointHandler().restore(epath.Path(self.directory / str(step) / "state"),
                                                      args=ocp.args.StandardRestore(target))
     except Exception as e:  # noqa: BLE001
-      _quiet_orbax_leftovers()
       raise _Unusable(f"cannot read its state arrays ({_short(e, innermost=True)})") from None
 
   def _check_fingerprints(self, state: Any, saved: dict) -> None:
@@ -546,6 +569,7 @@ def restore_params(directory: str | Path, step: int, cfg: config_lib.Config, sha
   else:
     item = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  _quiet_orbax_leftovers()
   try:
     out = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
         epath.Path(path / "state"),

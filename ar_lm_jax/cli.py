@@ -109,7 +109,7 @@ def existing_path(text: str, flag: str) -> Path:
   return p
 
 
-# What a run writes in its workdir (trainer.py); a failed start that wrote nothing else is removed again.
+# What a run writes in its workdir (loop.py); a failed start that wrote nothing else is removed again.
 RUN_OUTPUTS = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard")
 
 

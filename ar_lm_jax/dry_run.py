@@ -28,7 +28,7 @@ import jax
 
 from ar_lm_jax import attention as attention_lib
 from ar_lm_jax import collectives, sharding, tpu_topology
-from ar_lm_jax import train as train_lib
+from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import Config
 from ar_lm_jax.model import param_count
 
@@ -63,17 +63,17 @@ def _out_of_memory(e: Exception, compile_s: float) -> Optional[dict[str, Any]]:
   return {"peak_estimate": parsed[0], "out_of_memory": True, "compiler_hbm": parsed[1], "compile_s": round(compile_s, 2)}
 
 
-def compile_train_step(setup: train_lib.Setup) -> tuple[Any, Optional[dict[str, Any]], str]:
+def compile_train_step(setup: step_lib.Setup) -> tuple[Any, Optional[dict[str, Any]], str]:
   """(compiled step or None, XLA's per-device memory analysis or None, why not) for the train step."""
   cfg = setup.cfg
   platform = setup.mesh.devices.flat[0].platform
   impl = attention_lib.resolve_attention(cfg.model, platform)
   if attention_lib.KERNEL_PLATFORM.get(impl, platform) != platform:
     return None, None, f"model.attention={impl} compiles only on {attention_lib.KERNEL_PLATFORM[impl].upper()}, not {platform}"
-  step = train_lib.jit_train_step(setup)
+  step = step_lib.jit_train_step(setup)
   t0 = time.perf_counter()
   with setup.activate():
-    lowered = step.lower(setup.abstract_state, train_lib.abstract_batch(cfg))
+    lowered = step.lower(setup.abstract_state, step_lib.abstract_batch(cfg))
     try:
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # e.g. a compiler that rejects the program on this backend
@@ -83,7 +83,7 @@ def compile_train_step(setup: train_lib.Setup) -> tuple[Any, Optional[dict[str, 
   return compiled, mem, "" if mem else f"the {platform} compiler gives no memory analysis"
 
 
-def compiled_memory(setup: train_lib.Setup) -> tuple[Optional[dict[str, Any]], str]:
+def compiled_memory(setup: step_lib.Setup) -> tuple[Optional[dict[str, Any]], str]:
   """XLA's per-device memory analysis of the compiled train step, or (None, why not)."""
   compiled, mem, why = compile_train_step(setup)
   if compiled is None:
@@ -113,7 +113,7 @@ def dry_run(cfg: Config, *, memory_analysis: bool = True, target: Optional[str] 
     # config.py checks splash's blocks against seq_len for an explicit splash only; `auto` becomes splash
     # here, so run the same check now: a ConfigError (exit 2) instead of a ValueError deep in the trace.
     cfg.replace(model=dataclasses.replace(cfg.model, attention="splash"))
-  setup = train_lib.build(cfg, tpu_topology.devices(tpu) if tpu else None)
+  setup = step_lib.build(cfg, tpu_topology.devices(tpu) if tpu else None)
   abstract, shardings = setup.abstract_state, setup.state_shardings
   mesh = {str(k): int(v) for k, v in setup.mesh.shape.items()}
   devices = setup.mesh.devices.size
@@ -189,7 +189,7 @@ def _gib(n: float) -> str:
   return f"{n / tpu_topology.GiB:.2f} GiB"
 
 
-def compile_eval_step(setup: train_lib.Setup) -> tuple[Optional[dict[str, Any]], str]:
+def compile_eval_step(setup: step_lib.Setup) -> tuple[Optional[dict[str, Any]], str]:
   """Memory of the in-training eval step (`evaluate.Scorer`, compiled as TrainEvaluator compiles it), or (None, why not)."""
   from ar_lm_jax import evaluate
   cfg = setup.cfg
@@ -208,7 +208,7 @@ def mosaic_kernels(compiled) -> int:
   return compiled.as_text().count('custom_call_target="tpu_custom_call"')
 
 
-def target_report(setup: train_lib.Setup, tpu: tpu_topology.TpuSlice) -> dict[str, Any]:
+def target_report(setup: step_lib.Setup, tpu: tpu_topology.TpuSlice) -> dict[str, Any]:
   """Compiles the train and eval steps for `tpu`'s chips and checks each one's per-chip peak against HBM."""
   cfg = setup.cfg
   chip0 = setup.mesh.devices.flat[0]

@@ -47,7 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ar_lm_jax import checkpoint as checkpoint_lib
 from ar_lm_jax import chat, data_sources, sharding
-from ar_lm_jax import train as train_lib
+from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import REPO_ROOT, Config, ConfigError, SourceConfig
 from ar_lm_jax.tokenizer import Arcade100k, load_tokenizer
 
@@ -138,7 +138,7 @@ def pack_documents(docs: Sequence[np.ndarray], seq_len: int,
 class Scorer:
   """The sum of NLL over a stack of packed rows, one compiled function for every batch."""
 
-  def __init__(self, setup: train_lib.Setup, batch_rows: int):
+  def __init__(self, setup: step_lib.Setup, batch_rows: int):
     self.setup = setup
     self.batch_rows = batch_rows
     self.seq_len = setup.cfg.data.seq_len
@@ -150,7 +150,7 @@ class Scorer:
       self._compiled = fn.lower(setup.abstract_state["params"], abstract_batch).compile()
 
   def _nll_sum(self, params, batch):
-    s_nll, _ = train_lib.loss_sums(self.setup.model, params, batch, self.setup.cfg)
+    s_nll, _ = step_lib.loss_sums(self.setup.model, params, batch, self.setup.cfg)
     return s_nll
 
   def device_batches(self, rows: dict[str, np.ndarray]) -> Iterator[dict[str, jax.Array]]:
@@ -344,7 +344,7 @@ class TrainEvaluator:
   compiled function over them.
   """
 
-  def __init__(self, setup: train_lib.Setup):
+  def __init__(self, setup: step_lib.Setup):
     cfg = setup.cfg
     tok = load_tokenizer(cfg.data.tokenizer_path)
     texts = heldout_texts(cfg, cfg.train.eval_max_docs)
@@ -409,7 +409,7 @@ def for_devices(cfg: Config, num_devices: int, batch_rows: Optional[int] = None)
 
 @dataclasses.dataclass
 class LoadedRun:
-  setup: train_lib.Setup  # the run's model and shardings, fitted to these devices
+  setup: step_lib.Setup  # the run's model and shardings, fitted to these devices
   params: Any  # placed in setup.state_shardings["params"]
   step: int  # the checkpoint's step
   directory: Path  # the orbax checkpoints folder it came from
@@ -423,7 +423,7 @@ def load_run(workdir: Optional[str] = None, checkpoint: Optional[str] = None, st
     step, cfg = checkpoint_lib.saved_config(directory, step)
   except checkpoint_lib.CheckpointError as e:
     raise EvalError(str(e)) from None
-  setup = train_lib.build(for_devices(cfg, jax.device_count(), batch_rows))
+  setup = step_lib.build(for_devices(cfg, jax.device_count(), batch_rows))
   params = checkpoint_lib.restore_params(directory, step, setup.cfg, setup.state_shardings["params"])
   return LoadedRun(setup, params, step, directory)
 

@@ -1,7 +1,7 @@
 """lm-evaluation-harness backend `ar_lm_jax`: lm-eval's tasks answered by our checkpoints on our mesh.
 
 Importing this module registers the backend with lm-eval (`@register_model("ar_lm_jax")`);
-`experiments/harness.py` is its command line, `trainer.py` calls `TrainHarness` on the live
+`experiments/harness.py` is its command line, `loop.py` calls `TrainHarness` on the live
 parameters. Only this module and its entry point import lm-eval: training never needs it.
 
 What each request type computes, and why it equals lm-eval's `hf` backend
@@ -71,7 +71,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from ar_lm_jax import evaluate as evaluate_lib
 from ar_lm_jax import generate as generate_lib
 from ar_lm_jax import sharding
-from ar_lm_jax import train as train_lib
+from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import ConfigError
 from ar_lm_jax.model import StableLM, lm_logits
 from ar_lm_jax.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
@@ -125,7 +125,7 @@ class Engine:
   compute dtype (float32 by default, the precision lm-eval's HF reference runs in).
   """
 
-  def __init__(self, setup: train_lib.Setup, rows: int, dtype: str = "float32"):
+  def __init__(self, setup: step_lib.Setup, rows: int, dtype: str = "float32"):
     data_axis = setup.mesh.shape[sharding.DATA]
     if rows < 1:
       raise HarnessError(f"batch_size must be >= 1, got {rows}")
@@ -577,7 +577,7 @@ class TrainHarness:
   returns {"harness/TASK/METRIC": value} with lm-eval's filter suffix ",none" dropped and stderrs left out.
   """
 
-  def __init__(self, setup: train_lib.Setup):
+  def __init__(self, setup: step_lib.Setup):
     offline()
     cfg = setup.cfg
     self.tasks = list(cfg.train.harness_tasks)

@@ -190,7 +190,7 @@ def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool 
   medians over the timed steps.
   """
   from ar_lm_jax import sharding
-  from ar_lm_jax import train as train_lib
+  from ar_lm_jax import step as step_lib
 
   if steps < 1 or warmup < 0:
     raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
@@ -198,7 +198,7 @@ def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool 
     raise ConfigError("the benchmark runs in a single process")
   if compare_torch and cfg.model.dtype != "float32":
     raise ConfigError("--compare_torch: the torch baseline runs fp32 only; set model.dtype=float32")
-  setup = train_lib.build(cfg)
+  setup = step_lib.build(cfg)
   platform = jax.devices()[0].platform
   B, T = cfg.data.batch_size, cfg.data.seq_len
   batch_np = synthetic_batch(B, T, min(cfg.model.vocab_size, 100289), seed=cfg.train.seed)
@@ -207,7 +207,7 @@ def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool 
 
   with setup.activate():
     t0 = time.perf_counter()
-    lowered = train_lib.jit_train_step(setup).lower(setup.abstract_state, train_lib.abstract_batch(cfg))
+    lowered = step_lib.jit_train_step(setup).lower(setup.abstract_state, step_lib.abstract_batch(cfg))
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
   mem = memory_summary(compiled)
@@ -217,7 +217,7 @@ def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool 
   coll = collective_report(compiled)
   say(coll.summary())
 
-  state = train_lib.init_state(setup, cfg.train.seed)
+  state = step_lib.init_state(setup, cfg.train.seed)
   batch = sharding.global_batch(batch_np, setup.mesh)
   probe = _matmul_probe(2048) if platform == "cpu" else None
   baseline = None
@@ -322,13 +322,13 @@ def profile_step(cfg: Config, reps: int = 3) -> tuple[list[dict[str, Any]], floa
   import tempfile
 
   from ar_lm_jax import sharding
-  from ar_lm_jax import train as train_lib
+  from ar_lm_jax import step as step_lib
 
-  setup = train_lib.build(cfg)
+  setup = step_lib.build(cfg)
   with setup.activate():
-    compiled = train_lib.jit_train_step(setup).lower(setup.abstract_state, train_lib.abstract_batch(cfg)).compile()
+    compiled = step_lib.jit_train_step(setup).lower(setup.abstract_state, step_lib.abstract_batch(cfg)).compile()
   ops = _thunk_ops(compiled.as_text())
-  state = train_lib.init_state(setup, cfg.train.seed)
+  state = step_lib.init_state(setup, cfg.train.seed)
   batch = sharding.global_batch(synthetic_batch(cfg.data.batch_size, cfg.data.seq_len, min(cfg.model.vocab_size, 100289)),
                                 setup.mesh)
   state, _ = compiled(state, batch)

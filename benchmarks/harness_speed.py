@@ -66,7 +66,7 @@ def main() -> None:
   p.add_argument("--batch_size", type=int, default=8, help="rows per batch (ours) and requests per batch (HF)")
   args = p.parse_args()
 
-  from ar_lm_jax import harness, hf_io, trainer
+  from ar_lm_jax import harness, hf_io, loop
   tmp = Path(tempfile.mkdtemp(prefix="harness_speed_"))
   workdir = args.workdir
   if workdir is None:
@@ -75,7 +75,7 @@ def main() -> None:
     for key, value in (("train.steps", 2), ("train.eval_every", 0), ("train.progress", False), ("checkpoint.async_save", False)):
       cfg = override(cfg, key, value)
     workdir = tmp / "run"
-    trainer.run(cfg, workdir)
+    loop.run(cfg, workdir)
   hf_io.export_checkpoint(workdir, tmp / "hf")
 
   warm, requests = make_requests(args.batch_size * 4, args.shots, seed=1), make_requests(args.requests, args.shots)

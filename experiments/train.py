@@ -29,7 +29,7 @@ def main() -> int:
     return dry_run_for_target(cfg, args.target, args.dry_run)
   from ar_lm_jax import perf  # XLA reads XLA_FLAGS once, when a backend starts: the GPU flags go first
   perf.apply_gpu_xla_flags()
-  from ar_lm_jax import checkpoint, distributed, trainer  # jax is imported only after the flags parsed
+  from ar_lm_jax import distributed, loop  # jax is imported only after the flags parsed
   multi = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                                  peer_timeout_s=cfg.checkpoint.peer_timeout_s)
   import jax
@@ -48,8 +48,8 @@ def main() -> int:
     if is_main:
       print(launch, flush=True)
     with cli.train_workdir(workdir, is_main):  # new, empty or one of our runs; a failed start leaves nothing
-      summary = trainer.run(cfg, workdir)
-  except checkpoint.NonFiniteError as e:  # a failed run, not bad input: exit 1, one line
+      summary = loop.run(cfg, workdir)
+  except loop.NonFiniteError as e:  # a failed run, not bad input: exit 1, one line
     if multi:
       distributed.exit_after_error(e, 1, f"error: {e}")
     print(f"error: {e}", file=sys.stderr)

@@ -6,7 +6,7 @@ missing item, broken JSON, a save killed half-way) moved aside with a warning na
 never deleted; the keep policy; runs that do not fit a checkpoint; the params-only readers used by
 evaluation and conversion; the stop signals; resharding 4x2 -> 8x1 and -> one device (a
 subprocess with 8 fake devices). The end-to-end runs (resume, SIGTERM, SIGKILL, NaN steps) are in
-test_trainer.py.
+test_loop.py.
 """
 
 import dataclasses
@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 
 from ar_lm_jax import checkpoint as ckpt_lib
-from ar_lm_jax import train as train_lib
+from ar_lm_jax import step as step_lib
 from ar_lm_jax.cli import CONFIGS_DIR
 from ar_lm_jax.config import ConfigError, load_config
 
@@ -52,8 +51,8 @@ def distinct(setup, state):
 @pytest.fixture(scope="module")
 def small():
   cfg = small_config()
-  setup = train_lib.build(cfg, devices=jax.devices()[:1])
-  state = distinct(setup, train_lib.init_state(setup, 0))
+  setup = step_lib.build(cfg, devices=jax.devices()[:1])
+  state = distinct(setup, step_lib.init_state(setup, 0))
   return cfg, setup, state, jax.device_get(state)
 
 
@@ -200,7 +199,7 @@ def test_a_run_that_does_not_fit_is_an_error_and_nothing_moves(small, tmp_path):
   cfg, _, state, _ = small
   save_steps(tmp_path, cfg, state, [1])
   other = cfg.replace(model=dataclasses.replace(cfg.model, hidden_size=64))
-  setup = train_lib.build(other, devices=jax.devices()[:1])
+  setup = step_lib.build(other, devices=jax.devices()[:1])
   before = sorted(p.name for p in tmp_path.iterdir())
   with pytest.raises(ckpt_lib.CheckpointError, match=r"does not fit .*params/embed_tokens/embedding is \(512, 32\) float32 there, \(512, 64\)"):
     ckpt_lib.Checkpointer(tmp_path, other).restore_latest(setup.abstract_state, setup.state_shardings)
@@ -267,39 +266,9 @@ def test_params_only_checkpoint_is_refused_for_resume(small, tmp_path):
     ckpt_lib.restore_params(tmp_path, 0, cfg)
 
 
-# ---------------------------------------------------------------------------
-# Stopping.
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_stop_request_takes_one_signal_then_hands_back_the_handlers(sig):
-  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-  stop = ckpt_lib.StopRequest(check_every=10).install()
-  try:
-    assert not stop.requested(0)
-    os.kill(os.getpid(), sig)
-    assert stop.requested(1) and stop.signal == sig.name
-    assert {s: signal.getsignal(s) for s in previous} == previous  # a second signal acts at once
-  finally:
-    stop.uninstall()
-
-
 def test_keep_every_must_be_a_multiple_of_every_steps():
   with pytest.raises(ConfigError, match="checkpoint.keep_every: 5 is not a multiple of checkpoint.every_steps=2"):
     small_config(every_steps=2, keep_every=5)
-
-
-def test_bad_step_guard_counts_consecutive_non_finite_steps(tmp_path):
-  guard = ckpt_lib.BadStepGuard(max_bad_steps=3)
-  flags = {1: True, 2: False, 3: False, 4: True, 5: False, 6: False}
-  for step, ok in flags.items():
-    guard.observe(step, jnp.asarray(ok))
-  assert guard.streak == 2 and not guard.tripped
-  guard.observe(6, jnp.asarray(True))  # a step is counted once, whoever reads it again
-  assert guard.streak == 2
-  assert not guard.finite_at(7, jnp.asarray(False)) and guard.tripped
-  msg = str(guard.error(4, tmp_path))
-  assert "3 consecutive steps (5-7)" in msg and "train.max_bad_steps=3" in msg and "last good checkpoint is step 4" in msg
 
 
 # ---------------------------------------------------------------------------
@@ -311,7 +280,7 @@ import dataclasses, json, sys
 import jax, numpy as np
 sys.path.insert(0, sys.argv[2])
 from tests.test_checkpoint import small_config, distinct, assert_same_tree
-from ar_lm_jax import checkpoint as ckpt_lib, train as train_lib
+from ar_lm_jax import checkpoint as ckpt_lib, step as step_lib
 from ar_lm_jax.config import MeshConfig
 
 def spec(x):
@@ -320,10 +289,10 @@ def spec(x):
 def setup_for(data, model, devices):
   cfg = small_config()
   cfg = cfg.replace(mesh=MeshConfig(data=data, model=model), data=dataclasses.replace(cfg.data, batch_size=8))
-  return train_lib.build(cfg, devices=devices)
+  return step_lib.build(cfg, devices=devices)
 
 src = setup_for(4, 2, jax.devices())
-state = distinct(src, train_lib.init_state(src, 0))
+state = distinct(src, step_lib.init_state(src, 0))
 host = jax.device_get(state)
 ck = ckpt_lib.Checkpointer(sys.argv[1], src.cfg)
 ck.save(1, state, {"row": 1})
@@ -365,10 +334,10 @@ import jax
 sys.path.insert(0, sys.argv[2])
 from pathlib import Path
 from tests.test_checkpoint import small_config, distinct, save_steps, damage
-from ar_lm_jax import checkpoint as ckpt_lib, train as train_lib
+from ar_lm_jax import checkpoint as ckpt_lib, step as step_lib
 cfg = small_config()
-setup = train_lib.build(cfg, devices=jax.devices()[:1])
-state = distinct(setup, train_lib.init_state(setup, 0))
+setup = step_lib.build(cfg, devices=jax.devices()[:1])
+state = distinct(setup, step_lib.init_state(setup, 0))
 save_steps(sys.argv[1], cfg, state, [1, 2])
 damage(Path(sys.argv[1]) / "2", "truncate")
 r = ckpt_lib.Checkpointer(sys.argv[1], cfg).restore_latest(setup.abstract_state, setup.state_shardings)

@@ -87,7 +87,7 @@ def test_report_of_a_hand_written_module():
 
 STEP_REPORT = textwrap.dedent("""
     import dataclasses, json, jax
-    from ar_lm_jax import collectives, loss, train as train_lib
+    from ar_lm_jax import collectives, loss, step as step_lib
     from ar_lm_jax.config import REPO_ROOT, MeshConfig, load_config
     from ar_lm_jax.model import param_count
     base = load_config("tiny", REPO_ROOT / "experiments" / "configs")
@@ -98,9 +98,9 @@ STEP_REPORT = textwrap.dedent("""
                          optim=dataclasses.replace(base.optim, z_loss=z_loss),
                          train=dataclasses.replace(base.train, loss_chunk_size=chunk),
                          mesh=MeshConfig(data=8, model=1, shard_optimizer_over_data=True))
-      setup = train_lib.build(cfg)
+      setup = step_lib.build(cfg)
       with setup.activate():
-        compiled = train_lib.jit_train_step(setup).lower(setup.abstract_state, train_lib.abstract_batch(cfg)).compile()
+        compiled = step_lib.jit_train_step(setup).lower(setup.abstract_state, step_lib.abstract_batch(cfg)).compile()
       r = collectives.collective_report(compiled)
       out[name] = {"bytes": r.bytes_per_device, "in_chunk_loop": [c.op_name for c in r.inside(loss.LOOP_SCOPE)],
                     "grad_bytes": 4 * param_count(setup.abstract_state["params"]), "unknown": r.unknown_trip_counts}

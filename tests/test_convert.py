@@ -22,8 +22,8 @@ from hf_testing import one_torch_thread  # noqa: F401 (autouse fixture)
 import torch
 
 from ar_lm_jax import checkpoint as checkpoint_lib
-from ar_lm_jax import cli, data, evaluate, hf, trainer
-from ar_lm_jax import train as train_lib
+from ar_lm_jax import cli, data, evaluate, hf, loop
+from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import apply_overrides, load_config
 from ar_lm_jax.model import StableLM
 from ar_lm_jax.tokenizer import load_tokenizer
@@ -65,7 +65,7 @@ def run(hf_init, tmp_path_factory):
       "train.steps": 2, "train.log_every": 1, "train.eval_every": 0, "train.progress": False,
       "checkpoint.init_from": str(hf_init)})
   workdir = tmp_path_factory.mktemp("run")
-  summary = trainer.run(cfg, workdir)
+  summary = loop.run(cfg, workdir)
   return cfg, workdir, summary
 
 
@@ -124,7 +124,7 @@ def our_per_document_losses(cfg, workdir: Path, step: int) -> dict[str, list[tup
   tok = load_tokenizer()
   params = checkpoint_lib.restore_params(workdir / "checkpoints", step, cfg)
   T = cfg.data.seq_len
-  nll = jax.jit(lambda p, b: train_lib.loss_sums(StableLM(cfg.model), p, b, cfg)[0])
+  nll = jax.jit(lambda p, b: step_lib.loss_sums(StableLM(cfg.model), p, b, cfg)[0])
   out = {}
   for lang, texts in held_out().items():
     out[lang] = []
@@ -205,6 +205,6 @@ def test_import_of_the_export_gives_the_same_params_and_evaluation(run, exported
 def test_a_checkpoint_in_the_workdir_wins_over_init_from(run):
   """Rerunning the same workdir resumes at step 2 instead of starting again from the HF weights."""
   cfg, workdir, _ = run
-  summary = trainer.run(cfg.replace(train=dataclasses.replace(cfg.train, steps=3)), workdir)
+  summary = loop.run(cfg.replace(train=dataclasses.replace(cfg.train, steps=3)), workdir)
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2, 3] and summary["first_loss"] == rows[2]["loss"]

@@ -160,11 +160,11 @@ def test_tpu_peaks_for_mfu_come_from_the_chip_table():
 
 def test_splash_config_builds_and_inits_off_tpu():
   """Init traces a [1, 8] batch, which splash's 128-row tiles cannot cover: building must not call the kernel."""
-  from ar_lm_jax import train as train_lib
+  from ar_lm_jax import step as step_lib
   cfg = apply_overrides(load_config("tiny", CONFIGS_DIR), {"mesh.data": "1", "model.attention": "splash"})
   report = dry_run.dry_run(cfg, memory_analysis=False)
   assert report["params"] == 12_946_432 and report["attention"] == "splash"
-  setup = train_lib.build(cfg)
-  state = jax.eval_shape(lambda: train_lib.init_state(setup, 0))
+  setup = step_lib.build(cfg)
+  state = jax.eval_shape(lambda: step_lib.init_state(setup, 0))
   assert jax.tree.map(lambda x: (x.shape, x.dtype), state["params"]) == jax.tree.map(
       lambda x: (x.shape, x.dtype), setup.abstract_state["params"])

@@ -19,7 +19,7 @@ import torch
 
 from ar_lm_jax import cli, hf, hf_io
 from ar_lm_jax import evaluate as ev
-from ar_lm_jax import train as train_lib
+from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import REPO_ROOT, SAMPLE_DIR, Config, DataConfig, MeshConfig, ModelConfig, SourceConfig, TrainConfig
 from ar_lm_jax.hf_tokenizer import save_hf_tokenizer
 from ar_lm_jax.tokenizer import load_tokenizer
@@ -181,7 +181,7 @@ def test_in_training_evaluator_scores_the_first_documents_like_the_command(workd
   sources = tuple(SourceConfig(path=str(SAMPLE_DIR / f"{lang}_valid.jsonl"), lang=lang) for lang in ("en", "ar"))
   run = RUN.replace(data=dataclasses.replace(RUN.data, eval_sources=sources), train=TrainConfig(steps=1, eval_max_docs=n))
   cfg = ev.for_devices(run, jax.device_count())
-  setup = train_lib.build(cfg)
+  setup = step_lib.build(cfg)
   from ar_lm_jax.checkpoint import restore_params
   params = restore_params(workdir / "checkpoints", 0, cfg, setup.state_shardings["params"])
   evaluator = ev.TrainEvaluator(setup)

@@ -13,7 +13,7 @@ import torch
 
 from ar_lm_jax import cli, hf
 from ar_lm_jax import generate as gen
-from ar_lm_jax import train as train_lib
+from ar_lm_jax import step as step_lib
 from ar_lm_jax.checkpoint import Checkpointer
 from ar_lm_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 from ar_lm_jax.tokenizer import EOS_ID, load_tokenizer
@@ -150,9 +150,9 @@ def test_bad_input_is_a_generate_error(params):
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory, params):
   cfg = Config(name="hf-tiny", model=MODEL, data=DataConfig(seq_len=64, batch_size=2), train=TrainConfig(steps=1))
-  setup = train_lib.build(cfg)
+  setup = step_lib.build(cfg)
   ckpt = Checkpointer(tmp_path_factory.mktemp("gen") / "checkpoints", cfg)
-  ckpt.save(0, train_lib.state_from_params(setup, jax.tree.map(jnp.copy, params)), force=True)
+  ckpt.save(0, step_lib.state_from_params(setup, jax.tree.map(jnp.copy, params)), force=True)
   ckpt.wait()
   ckpt.close()
   return ckpt.directory

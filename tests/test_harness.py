@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from ar_lm_jax import cli, harness, hf_io, trainer
+from ar_lm_jax import cli, harness, hf_io, loop
 from ar_lm_jax.config import (REPO_ROOT, CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, PhaseConfig,
                               TrainConfig)
 from tests.hf_testing import one_torch_thread  # noqa: F401 - the module-wide one-thread torch fixture
@@ -56,7 +56,7 @@ def trained(tmp_path_factory, at_repo_root):
       checkpoint=CheckpointConfig(async_save=False),
   )
   root = tmp_path_factory.mktemp("harness")
-  trainer.run(cfg, root / "run")
+  loop.run(cfg, root / "run")
   hf_io.export_checkpoint(root / "run", root / "hf")
   return root / "run", root / "hf"
 

@@ -113,7 +113,7 @@ def test_chunk_must_divide_the_sequence(inputs):
 
 SHARDED_STEP = textwrap.dedent("""
     import dataclasses, numpy as np, jax
-    from ar_lm_jax import train as train_lib, sharding
+    from ar_lm_jax import step as step_lib, sharding
     from ar_lm_jax.config import REPO_ROOT, MeshConfig, load_config
     base = load_config("tiny", REPO_ROOT / "experiments" / "configs")
     base = base.replace(model=dataclasses.replace(base.model, vocab_size=512),
@@ -127,9 +127,9 @@ SHARDED_STEP = textwrap.dedent("""
     out = []
     for chunk in (0, 8):
       cfg = base.replace(train=dataclasses.replace(base.train, loss_chunk_size=chunk))
-      setup = train_lib.build(cfg)
-      params = train_lib.init_state(setup, 0)["params"]
-      fn = jax.jit(lambda p, b, cfg=cfg: train_lib.loss_and_grads(p, b, model=setup.model, cfg=cfg))
+      setup = step_lib.build(cfg)
+      params = step_lib.init_state(setup, 0)["params"]
+      fn = jax.jit(lambda p, b, cfg=cfg: step_lib.loss_and_grads(p, b, model=setup.model, cfg=cfg))
       with setup.activate():
         out.append(jax.device_get(fn(params, sharding.global_batch(batch_np, setup.mesh))))
     (loss0, g0, _), (loss1, g1, _) = out

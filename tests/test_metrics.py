@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ar_lm_jax import cli, trainer
+from ar_lm_jax import cli, loop
 from ar_lm_jax.config import apply_overrides, load_config
 from ar_lm_jax.metrics import MetricsWriter
 
@@ -79,13 +79,13 @@ def test_trainer_resume_after_a_lost_checkpoint_logs_each_step_once_like_one_run
       "data.seq_len": 64, "data.batch_size": 4, "train.steps": 4, "train.log_every": 1, "train.eval_every": 2,
       "train.eval_max_docs": 2, "train.progress": False, "checkpoint.every_steps": 2, "checkpoint.async_save": False})
   once = tmp_path / "once"
-  trainer.run(cfg, once)
+  loop.run(cfg, once)
   reference = rows(once)
   assert [r["step"] for r in reference] == list(range(1, 5)) and "eval/en/loss" in reference[1]
   resumed = tmp_path / "resumed"
   shutil.copytree(once, resumed)
   shutil.rmtree(resumed / "checkpoints" / "4")
-  trainer.run(cfg, resumed)
+  loop.run(cfg, resumed)
   again = rows(resumed)
   assert [r["step"] for r in again] == list(range(1, 5))
   strip = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")}

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from ar_lm_jax import trainer
+from ar_lm_jax import loop
 from ar_lm_jax.config import (REPO_ROOT, CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, PhaseConfig,
                               TrainConfig)
 
@@ -28,7 +28,7 @@ def workdir(tmp_path_factory):
       checkpoint=CheckpointConfig(async_save=False),
   )
   wd = tmp_path_factory.mktemp("nb") / "run"
-  trainer.run(cfg, wd)
+  loop.run(cfg, wd)
   return wd
 
 

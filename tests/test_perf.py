@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from ar_lm_jax import collectives, perf
-from ar_lm_jax import train as train_lib
+from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import REMAT_POLICIES, REPO_ROOT, ModelConfig, load_config
 from ar_lm_jax.model import StableLM, abstract_params, param_count
 

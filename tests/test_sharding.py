@@ -193,16 +193,16 @@ def test_device_grid_puts_each_process_on_whole_rows():
 # ---------------------------------------------------------------------------
 # Losses across meshes and processes (subprocesses with fake CPU devices).
 
-# Runs `trainer.run` as `python -m experiments.train` would, once per mesh in argv[2], printing the logged losses.
+# Runs `loop.run` as `python -m experiments.train` would, once per mesh in argv[2], printing the logged losses.
 MESH_RUNS = """
 import json, sys
-from ar_lm_jax import cli, trainer
+from ar_lm_jax import cli, loop
 out = {}
 for mesh in sys.argv[2].split(","):
   d, m = mesh.split("x")
   flags = json.loads(sys.argv[3]) + [f"--config.mesh.data={d}", f"--config.mesh.model={m}"]
   cfg, _ = cli.parse_args(cli.make_parser("mesh runs"), flags)
-  summary = trainer.run(cfg, f"{sys.argv[1]}/{mesh}")
+  summary = loop.run(cfg, f"{sys.argv[1]}/{mesh}")
   out[mesh] = [json.loads(line)["loss"] for line in open(summary["metrics"])]
 print(json.dumps(out))
 """
@@ -213,7 +213,7 @@ print(json.dumps(out))
 CONCAT_PROCESSES = """
 import json, sys
 import numpy as np
-from ar_lm_jax import cli, data, trainer
+from ar_lm_jax import cli, data, loop
 
 class BothProcesses:
   def __init__(self, its):
@@ -233,7 +233,7 @@ make = data.make_train_iterator
 data.make_train_iterator = lambda cfg, *, seed, process_index, process_count: BothProcesses(
     [make(cfg, seed=seed, process_index=i, process_count=2) for i in range(2)])
 cfg, _ = cli.parse_args(cli.make_parser("reference"), json.loads(sys.argv[2]))
-summary = trainer.run(cfg, sys.argv[1])
+summary = loop.run(cfg, sys.argv[1])
 print(json.dumps([json.loads(line)["loss"] for line in open(summary["metrics"])]))
 """
 

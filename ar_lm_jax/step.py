@@ -1,6 +1,6 @@
-"""The train state, the pure train step, and the loop that composes the library's parts.
+"""The train state, the pure train step, and its jitted, sharded form.
 
-config -> (tokenizer -> data) and (model -> sharding -> optim) -> train step -> checkpoint/metrics.
+config -> (tokenizer -> data) and (model -> sharding -> optim) -> step -> loop -> checkpoint/metrics.
 """
 
 from __future__ import annotations

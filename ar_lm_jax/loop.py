@@ -6,24 +6,136 @@ read after step N+1 has been dispatched.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
+import numpy as np
 
 from ar_lm_jax import data as data_lib
 from ar_lm_jax import distributed
 from ar_lm_jax import evaluate as evaluate_lib
 from ar_lm_jax import perf, sharding
-from ar_lm_jax import train as train_lib
-from ar_lm_jax.checkpoint import BadStepGuard, Checkpointer, StopRequest
+from ar_lm_jax import step as step_lib
+from ar_lm_jax.checkpoint import Checkpointer
 from ar_lm_jax.config import Config, dumps
 from ar_lm_jax.metrics import MetricsWriter
 
 log = logging.getLogger("ar_lm_jax")
+
+
+class NonFiniteError(RuntimeError):
+  """The run stopped after train.max_bad_steps consecutive steps with a non-finite loss or gradient."""
+
+
+# ---------------------------------------------------------------------------
+# Stopping: preemption signals and non-finite steps.
+
+
+class StopRequest:
+  """SIGTERM/SIGINT ask the loop to stop after the step in flight, checkpoint, and exit 0.
+
+  The handler only sets a flag that the loop polls with `requested(step)`. Processes must stop at
+  the same step (each saves its shards of the same checkpoint), so in a multi-process run the
+  flags are all-gathered every `check_every` steps, the same steps on every process; a
+  single-process run checks every step without a collective. After the first signal the
+  previous handlers are back, so a second Ctrl-C or SIGTERM acts at once.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, check_every: int):
+    self.check_every = check_every
+    self.signal: Optional[str] = None  # the name of the signal this process received, if any
+    self.signalled: dict[int, str] = {}  # process index -> its signal, once the processes agreed to stop
+    self._agreed = False
+    self._previous: dict[int, Any] = {}
+
+  def install(self) -> "StopRequest":
+    if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set handlers
+      for s in self.SIGNALS:
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def uninstall(self) -> None:
+    for s, h in self._previous.items():
+      signal.signal(s, h)
+    self._previous = {}
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    self.signal = signal.Signals(signum).name
+    self.uninstall()
+    # os.write, not print: the handler may run in the middle of a print of the main thread.
+    os.write(2, f"\n{self.signal}: stopping after the current step and saving a checkpoint "
+                f"(send it again to stop at once)\n".encode())
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      if self.signal is not None and not self.signalled:
+        self.signalled = {0: self.signal}
+      return self.signal is not None
+    if not self._agreed and step % self.check_every == 0:
+      from jax.experimental import multihost_utils
+      got = self.signal and signal.Signals[self.signal]
+      numbers = np.asarray(multihost_utils.process_allgather(np.int32(got or 0)))
+      self.signalled = {i: signal.Signals(int(n)).name for i, n in enumerate(numbers) if n}
+      self._agreed = bool(self.signalled)
+    return self._agreed
+
+  def describe(self) -> str:
+    """'SIGTERM' in a single-process run; 'SIGTERM on process 1 of 2' when the processes stopped for another's signal."""
+    if jax.process_count() == 1 or not self.signalled:
+      return self.signal or ""
+    names = sorted(set(self.signalled.values()))
+    return f"{'/'.join(names)} on process {', '.join(map(str, sorted(self.signalled)))} of {jax.process_count()}"
+
+
+class BadStepGuard:
+  """Counts consecutive steps whose loss or gradient was not finite (train_step left the state as it was).
+
+  `observe` reads a step's `finite` metric (blocking until that step is done), once per step and in
+  order; the loop reads each step's flag after dispatching the next, and at once only where it
+  must know before saving.
+  """
+
+  def __init__(self, max_bad_steps: int):
+    self.max_bad_steps = max_bad_steps
+    self.streak = 0  # consecutive non-finite steps up to the last one observed
+    self.first_bad: Optional[int] = None  # first step of the current streak
+    self._seen = -1
+
+  def observe(self, step: int, finite: Any) -> None:
+    if step <= self._seen:
+      return
+    self._seen = step
+    if bool(jax.device_get(finite)):
+      self.streak, self.first_bad = 0, None
+    else:
+      self.streak += 1
+      self.first_bad = step if self.streak == 1 else self.first_bad
+
+  def finite_at(self, step: int, finite: Any) -> bool:
+    """Whether `step` was finite, so that the state after it is the last good one and may be saved."""
+    self.observe(step, finite)
+    return self.streak == 0
+
+  @property
+  def tripped(self) -> bool:
+    return self.streak >= self.max_bad_steps
+
+  def error(self, last_good_checkpoint: Optional[int], directory: Path) -> NonFiniteError:
+    where = (f"the last good checkpoint is step {last_good_checkpoint} in {directory}" if last_good_checkpoint is not None
+             else "no checkpoint was saved")
+    return NonFiniteError(
+        f"stopped: {self.streak} consecutive steps ({self.first_bad}-{self._seen}) had a non-finite loss or gradient "
+        f"(train.max_bad_steps={self.max_bad_steps}); their updates were skipped and nothing was saved after them; {where}")
+
 
 
 def _say(msg: str) -> None:
@@ -35,7 +147,7 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   """Trains `cfg` in `workdir`; returns a summary (first/last loss, steps, paths)."""
   workdir = Path(workdir).absolute()
   is_main = jax.process_index() == 0
-  setup = train_lib.build(cfg)
+  setup = step_lib.build(cfg)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(dumps(cfg))
@@ -55,16 +167,16 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   elif cfg.checkpoint.init_from:  # a fresh run (step 0, fresh optimizer) from given weights; a resume wins
     from ar_lm_jax import hf_io
     params = hf_io.init_params(cfg.checkpoint.init_from, cfg.model, setup.state_shardings["params"])
-    state = train_lib.state_from_params(setup, params)
+    state = step_lib.state_from_params(setup, params)
     _say(f"initialized the parameters from {cfg.checkpoint.init_from}")
   else:
-    state = train_lib.init_state(setup, cfg.train.seed)
+    state = step_lib.init_state(setup, cfg.train.seed)
   start_step = int(jax.device_get(state["step"]))
 
-  step_fn = train_lib.jit_train_step(setup)
+  step_fn = step_lib.jit_train_step(setup)
   with setup.activate():
     t0 = time.perf_counter()
-    compiled = step_fn.lower(setup.abstract_state, train_lib.abstract_batch(cfg)).compile()
+    compiled = step_fn.lower(setup.abstract_state, step_lib.abstract_batch(cfg)).compile()
     compile_s = time.perf_counter() - t0
   _say(f"train step compiled in {compile_s:.1f}s")
 

@@ -1,4 +1,4 @@
-"""trainer.py end to end: `python -m experiments.train` in subprocesses, 2 fake CPU devices, fp32.
+"""loop.py end to end: `python -m experiments.train` in subprocesses, 2 fake CPU devices, fp32.
 
 Every run is compared with one uninterrupted 20-step run, loss by loss and batch by batch
 (`data/batch_hash`), for bitwise equality:
@@ -22,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import pytest
 
+from ar_lm_jax import loop
 from ar_lm_jax.checkpoint import UNFINISHED_SUFFIX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,3 +201,33 @@ def test_no_usable_checkpoint_exits_2_with_one_line(env, tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: no usable checkpoint in ") and "Traceback" not in proc.stderr
   assert list((tmp_path / "checkpoints").glob("10.corrupt-*"))
+
+
+# ---------------------------------------------------------------------------
+# Loop control: stop requests and non-finite steps.
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_request_takes_one_signal_then_hands_back_the_handlers(sig):
+  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  stop = loop.StopRequest(check_every=10).install()
+  try:
+    assert not stop.requested(0)
+    os.kill(os.getpid(), sig)
+    assert stop.requested(1) and stop.signal == sig.name
+    assert {s: signal.getsignal(s) for s in previous} == previous  # a second signal acts at once
+  finally:
+    stop.uninstall()
+
+
+def test_bad_step_guard_counts_consecutive_non_finite_steps(tmp_path):
+  guard = loop.BadStepGuard(max_bad_steps=3)
+  flags = {1: True, 2: False, 3: False, 4: True, 5: False, 6: False}
+  for step, ok in flags.items():
+    guard.observe(step, jnp.asarray(ok))
+  assert guard.streak == 2 and not guard.tripped
+  guard.observe(6, jnp.asarray(True))  # a step is counted once, whoever reads it again
+  assert guard.streak == 2
+  assert not guard.finite_at(7, jnp.asarray(False)) and guard.tripped
+  msg = str(guard.error(4, tmp_path))
+  assert "3 consecutive steps (5-7)" in msg and "train.max_bad_steps=3" in msg and "last good checkpoint is step 4" in msg

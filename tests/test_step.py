@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ar_lm_jax import optim, sharding
-from ar_lm_jax import train as train_lib
+from ar_lm_jax import step as step_lib
 from ar_lm_jax.cli import CONFIGS_DIR
 from ar_lm_jax.config import apply_overrides, load_config
 
@@ -37,9 +37,9 @@ def packed_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> di
 
 
 def run_steps(cfg, batches):
-  setup = train_lib.build(cfg, jax.devices()[:1])
-  state = train_lib.init_state(setup, seed=0)
-  step = train_lib.jit_train_step(setup)
+  setup = step_lib.build(cfg, jax.devices()[:1])
+  state = step_lib.init_state(setup, seed=0)
+  step = step_lib.jit_train_step(setup)
   out = []
   with setup.activate():
     for b in batches:
@@ -52,11 +52,11 @@ def test_grad_accumulation_equals_one_large_batch():
   base = apply_overrides(load_config("tiny", CONFIGS_DIR), {"data.seq_len": "64", "data.batch_size": "8"})
   accum = apply_overrides(base, {"optim.grad_accum_steps": "4"})
   batch = packed_batch(8, 64, 1000, seed=1)
-  setup = train_lib.build(base, jax.devices()[:1])
-  params = train_lib.init_state(setup, seed=0)["params"]
+  setup = step_lib.build(base, jax.devices()[:1])
+  params = step_lib.init_state(setup, seed=0)["params"]
   results = []
   for cfg in (base, accum):
-    fn = jax.jit(functools.partial(train_lib.loss_and_grads, model=setup.model, cfg=cfg))
+    fn = jax.jit(functools.partial(step_lib.loss_and_grads, model=setup.model, cfg=cfg))
     with setup.activate():
       results.append(jax.device_get(fn(params, sharding.global_batch(batch, setup.mesh))))
   (loss1, g1, n1), (loss4, g4, n4) = results
@@ -81,8 +81,8 @@ def test_accumulated_train_step_matches():
 
 def test_non_finite_step_is_skipped():
   cfg = apply_overrides(load_config("tiny", CONFIGS_DIR), {"data.seq_len": "32", "data.batch_size": "2"})
-  setup = train_lib.build(cfg, jax.devices()[:1])
-  state = train_lib.init_state(setup, seed=0)
+  setup = step_lib.build(cfg, jax.devices()[:1])
+  state = step_lib.init_state(setup, seed=0)
   before = jax.device_get(state["params"])
   # Poison one weight: the loss becomes NaN, so the update must leave params and moments alone.
   poisoned = jax.tree.map(lambda x: x, state)
@@ -91,7 +91,7 @@ def test_non_finite_step_is_skipped():
   poisoned["params"]["embed_tokens"]["embedding"] = jax.device_put(emb, setup.state_shardings["params"]["embed_tokens"]["embedding"])
   batch = packed_batch(2, 32, 1000)
   batch["tokens"][0, 3] = 5
-  step = train_lib.jit_train_step(setup)
+  step = step_lib.jit_train_step(setup)
   with setup.activate():
     new, m = step(poisoned, sharding.global_batch(batch, setup.mesh))
   m = jax.device_get(m)
@@ -151,17 +151,17 @@ def test_skipped_steps_do_not_shift_the_lr_schedule(monkeypatch):
       "data.seq_len": "32", "data.batch_size": "2", "train.steps": "8",
       "optim.phases": '[{"kind": "linear_warmup", "steps": 4, "end_lr": 0.01}, {"kind": "linear_decay", "steps": 4, "end_lr": 0.0}]'})
   bad_steps = {3, 4}
-  original = train_lib.loss_and_grads
+  original = step_lib.loss_and_grads
 
   def poisoned(params, batch, **kw):  # a batch whose first position is -1 makes the step non-finite
     loss, grads, n = original(params, batch, **kw)
     return jax.numpy.where(batch["positions"][0, 0] < 0, jax.numpy.nan, loss), grads, n
 
-  monkeypatch.setattr(train_lib, "loss_and_grads", poisoned)
-  setup = train_lib.build(cfg, jax.devices()[:1])
+  monkeypatch.setattr(step_lib, "loss_and_grads", poisoned)
+  setup = step_lib.build(cfg, jax.devices()[:1])
   schedule = optim.build_schedule(cfg.optim, cfg.train.steps)
-  state = train_lib.init_state(setup, seed=0)
-  step = train_lib.jit_train_step(setup)
+  state = step_lib.init_state(setup, seed=0)
+  step = step_lib.jit_train_step(setup)
   o = cfg.optim
   mask = optim.decay_mask(state["params"], o.decay_embeddings)
   with setup.activate():

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from ar_lm_jax.config import REPO_ROOT, Config, ConfigError, apply_overrides, load_config
+from ar_lm_jax.config import REPO_ROOT, Config, ConfigError, apply_overrides, load_config, parse_value
 
 CONFIGS_DIR = REPO_ROOT / "experiments" / "configs"
 EXIT_BAD_INPUT = 2
@@ -57,6 +57,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
     else:
       rest.append(arg)
     i += 1
+  overrides = _one_run_length(overrides)
   args = parser.parse_args(rest)
   if not hasattr(args, "config"):
     if overrides:
@@ -64,6 +65,22 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
     return None, args
   cfg = load_config(args.config, CONFIGS_DIR)
   return apply_overrides(cfg, overrides), args
+
+
+def _one_run_length(overrides: dict[str, str]) -> dict[str, str]:
+  """train.steps and train.epochs are two ways to give a run's length: the one set on the command line
+  replaces the config's other (`--config=sft_tiny --config.train.steps=6` is a 6-step run); both there is an error."""
+  steps, epochs = overrides.get("train.steps"), overrides.get("train.epochs")
+  if steps is not None and epochs is not None:
+    if parse_value(steps) != 0 and parse_value(epochs) != 0:
+      raise ConfigError("train.steps and train.epochs are both set on the command line: a run's length is one of "
+                        "them (train.epochs computes train.steps from the data)")
+    return overrides
+  if epochs is not None and parse_value(epochs) != 0:
+    return {**overrides, "train.steps": "0"}  # applied after train.epochs, so each step is a valid config
+  if steps is not None and parse_value(steps) != 0:
+    return {**overrides, "train.epochs": "0"}
+  return overrides
 
 
 def _quiet_reader_noise(previous: Callable) -> Callable:

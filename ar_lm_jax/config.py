@@ -226,7 +226,8 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 1000  # optimizer updates to run (the schedule's length)
+  steps: int = 1000  # optimizer updates to run (the schedule's length); 0 with train.epochs, which computes it
+  epochs: float = 0.0  # run length as passes over the fine-tuning data (the chat sources, else all; ar_lm_jax.epochs): train.steps is counted from the data at start-up and recorded in config.json; 0: train.steps sets it
   seed: int = 0  # seeds parameter init and data order
   log_every: int = 10  # write a metrics.jsonl line every N steps
   eval_every: int = 0  # evaluate on data.eval_sources every N steps; 0 disables
@@ -241,7 +242,9 @@ class TrainConfig:
   harness_limit: int = 0  # documents per task in the in-training harness (lm-eval's --limit); 0: all
 
   def __post_init__(self):
-    _check(self.steps > 0, "train.steps", f"must be >= 1 (a run of {self.steps} steps trains nothing), got {self.steps}")
+    _check(0 <= self.epochs < float("inf"), "train.epochs", f"must be a number >= 0 (0: the length is train.steps), got {self.epochs}")
+    _check(self.steps > 0 or (self.steps == 0 and self.epochs > 0), "train.steps",
+           f"must be >= 1 (a run of {self.steps} steps trains nothing), or 0 with train.epochs > 0, got {self.steps}")
     _check(self.log_every > 0, "train.log_every", "must be positive")
     _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
     _check(self.loss_chunk_size >= 0, "train.loss_chunk_size", "must be >= 0")

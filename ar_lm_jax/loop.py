@@ -147,6 +147,10 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   """Trains `cfg` in `workdir`; returns a summary (first/last loss, steps, paths)."""
   workdir = Path(workdir).absolute()
   is_main = jax.process_index() == 0
+  if cfg.train.epochs and not cfg.train.steps:  # experiments.train resolves and prints it; library callers get it here
+    from ar_lm_jax import epochs
+    cfg, plan = epochs.resolve(cfg, workdir)
+    _say(plan.describe(cfg))
   setup = step_lib.build(cfg)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ def main() -> int:
     cfg = override(cfg, "checkpoint.init_from", args.init_from_hf)
 
   if args.target:
+    cfg = _resolve_epochs(cfg, None, multi=False, is_main=True)
     return dry_run_for_target(cfg, args.target, args.dry_run)
   from ar_lm_jax import perf  # XLA reads XLA_FLAGS once, when a backend starts: the GPU flags go first
   perf.apply_gpu_xla_flags()
@@ -35,6 +36,8 @@ def main() -> int:
   import jax
   from ar_lm_jax.config import ConfigError
   is_main = jax.process_index() == 0  # only process 0 prints (and logs, and writes metrics)
+  workdir = args.workdir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+  cfg = _resolve_epochs(cfg, None if args.dry_run else workdir, multi=multi, is_main=is_main)
   if args.dry_run:
     from ar_lm_jax import dry_run
     report = dry_run.dry_run(cfg)
@@ -42,7 +45,6 @@ def main() -> int:
       print(json.dumps(report))
     distributed.finish()
     return 0
-  workdir = args.workdir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
   try:
     launch = distributed.check_launch(cfg)  # how many processes and devices joined, against the mesh
     if is_main:
@@ -67,6 +69,22 @@ def main() -> int:
     print(f"metrics: {summary['metrics']}\ncheckpoints: {summary['checkpoints']}")
     print(json.dumps(summary))
   return 0
+
+
+def _resolve_epochs(cfg, workdir, *, multi: bool, is_main: bool):
+  """train.epochs -> train.steps, counted from the data (or as recorded in the workdir of a resumed run); printed."""
+  from ar_lm_jax import epochs
+  from ar_lm_jax.config import ConfigError
+  try:
+    cfg, plan = epochs.resolve(cfg, workdir)
+  except ConfigError as e:
+    if multi:  # every process counts the same data, but none may wait for the others in a collective
+      from ar_lm_jax import distributed
+      distributed.exit_after_error(e, cli.EXIT_BAD_INPUT, f"error: {e}")
+    raise
+  if plan is not None and is_main:
+    print(plan.describe(cfg), flush=True)
+  return cfg
 
 
 def dry_run_for_target(cfg, target: str, dry_run_flag: bool) -> int:

@@ -19,10 +19,11 @@ The choices and where they come from:
 - Replay of pre-training text at a small weight (here 10% of rows, the bundled sample standing in
   for the real corpora) against forgetting, which the continued pre-training itself did with
   English replay (REFERENCE.md); set the chat source's weight to 1 and drop the text ones for none.
-- Epochs: set `train.steps` = epochs x (tokens of the conversations) / (0.9 x 128 x 4096): the
-  conversations' token count is what `python -m tools.inspect_data --config=<this> --batches=N`
-  reports per source, and `data/epochs_0_chat` in the metrics shows the epochs read. 300 steps
-  below are 2 epochs of ~70M tokens of conversations (about 100k conversations of 700 tokens).
+- Epochs: `train.epochs=2` (Tulu 2's 2 epochs, above). The steps are counted from the data at
+  start-up (ar_lm_jax.epochs): ceil(2 x tokens of the conversations / (0.9 x 128 x 4096)), printed
+  and recorded in the run's config.json; e.g. ~70M tokens of conversations (about 100k of 700
+  tokens) give 297 steps. `data/epochs_0_chat` in the metrics shows the epochs read. On the bundled
+  placeholder (1,774 tokens) it is 1 step. `--config.train.steps=N` sets a fixed length instead.
 - Mesh and memory as the base recipe: data=16 x model=1 (2 nodes x 8 H100), ZeRO-1, remat,
   chunked loss; 128 = 16 x 8 sequences, no accumulation.
 """
@@ -35,7 +36,6 @@ from ar_lm_jax.config import (SAMPLE_DIR, CheckpointConfig, DataConfig, OptimCon
 
 def get_config():
   base = load_config("ar_stablelm_2_1_6b", Path(__file__).parent)
-  steps = 300
   return base.replace(
       name="ar_stablelm_2_1_6b_sft",
       data=DataConfig(
@@ -46,9 +46,9 @@ def get_config():
           seq_len=4096, batch_size=128, loss_on="assistant"),
       optim=OptimConfig(
           init_lr=0.0,
-          phases=(PhaseConfig("linear_warmup", steps=max(1, round(0.03 * steps)), end_lr=2e-5),
-                  PhaseConfig("linear_decay", steps=steps - max(1, round(0.03 * steps)), end_lr=0.0)),
+          phases=(PhaseConfig("linear_warmup", fraction=0.03, end_lr=2e-5),  # of the steps the epochs give
+                  PhaseConfig("linear_decay", fraction=0.97, end_lr=0.0)),
           b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0, grad_accum_steps=1),
-      train=TrainConfig(steps=steps, log_every=10, eval_every=50, loss_chunk_size=1024),
+      train=TrainConfig(steps=0, epochs=2.0, log_every=10, eval_every=50, loss_chunk_size=1024),
       checkpoint=CheckpointConfig(every_steps=100, keep=2),
   )

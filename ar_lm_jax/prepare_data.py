@@ -4,7 +4,9 @@ The corpus is read with the same readers as training (`data_sources`), so bad re
 skipped and counted the same way. Each input file becomes `shards_per_file` output shards (shard
 j keeps the file's records i % shards_per_file == j, which lets several workers share one big
 file). A shard holds one record per document: its token ids as little-endian int32, without EOS
-(the training reader appends the tokenizer's EOS).
+(the training reader appends the tokenizer's EOS). Chat sources are refused (ConfigError): their
+records would need the loss mask, which depends on the template and `data.loss_on`, and fine-tuning
+sets are small enough to tokenize while training.
 
 `manifest.json` in the output directory lists the completed shards with their input, document,
 token and skip counts. Shards are written to a `.tmp` file and renamed when complete, and the
@@ -126,6 +128,11 @@ def _settings(source: SourceConfig, src: ResolvedSource, tokenizer_path: Optiona
 def plan(source: SourceConfig, out_dir: str, *, tokenizer_path: Optional[str] = None, num_workers: int = 1,
          shards_per_file: Optional[int] = None) -> tuple[ResolvedSource, dict[str, Any], list[ShardTask]]:
   """Resolves the input, loads or starts the manifest and lists the shards still to write."""
+  if source.format == "chat":  # before resolving: nothing of a chat corpus is read or written
+    raise ConfigError(f"prepare_data: {source.path!r} is a chat source (format \"chat\"): the shards hold token ids "
+                      "only, not the loss mask that scores the assistant turns (nor the chat template it depends on); "
+                      "train on the JSONL directly with format \"chat\" (conversations are tokenized as training "
+                      "reads them, which is cheap at fine-tuning sizes)")
   src = data_sources.resolve_source(source, 0, label=f"prepare_data input {source.path!r}")
   if src.format == "arrayrecord":
     raise ConfigError(f"prepare_data: {source.path!r} is already ArrayRecord")

@@ -81,4 +81,5 @@ def test_notebook_runs_headless_and_draws(workdir, monkeypatch):
   for lang in ("en", "ar", "all"):
     assert f"| {lang} |" in text  # the per-language table (and fertility for en and ar)
   assert text.count("->") == 4  # four generations
+  assert text.count("=> assistant:") == 3 and "read no chat source" in text  # chat replies (generate_chat), of a text run
   assert "|arlm_mc_ar" in text and "acc_norm" in text  # lm-eval's benchmark table of the checkpoint (ar_lm_jax/harness.py)

@@ -97,3 +97,19 @@ def test_parallel_workers_write_the_same_shards(corpus, tmp_path):
                      progress=False)
   assert one["shards"] == two["shards"]
   assert read_shards(tmp_path / "one")[1] == read_shards(tmp_path / "two")[1]
+
+
+def test_a_chat_source_is_refused_with_one_line_and_nothing_written(tmp_path, capsys):
+  # Pre-tokenized records are ids only: a chat corpus would lose its loss mask, so it is refused up front.
+  chat_file = tmp_path / "chat.jsonl"
+  chat_file.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "hello"}]}) + "\n")
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    cli.run_main(lambda: prepare_tool.main([f"--input={chat_file}", f"--output={out}", "--format=chat", "--no_progress"]))
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "chat source" in err[0] and "loss mask" in err[0] and 'format "chat"' in err[0], err
+  assert not out.exists()
+  with pytest.raises(ConfigError, match="chat source"):
+    prepare_data(SourceConfig(path=str(chat_file), lang="chat", format="chat"), str(out))

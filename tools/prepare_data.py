@@ -6,7 +6,8 @@ The output directory is then a training source:
   --config.data.sources='[{"path": "data/ar_tok", "lang": "ar", "weight": 0.2}, ...]'
 
 Prints a progress bar, then a JSON summary (documents, tokens, skipped records) as its last line.
-Exit code 2 for bad input (a path matching no files, an unknown format, a mismatched output dir).
+Exit code 2 for bad input (a path matching no files, an unknown format, a mismatched output dir, a
+chat source: its shards would lose the loss mask; train on the JSONL with format "chat").
 """
 
 from __future__ import annotations

@@ -187,8 +187,10 @@ def test_the_loss_counts_exactly_the_scored_targets():
 # ---------------------------------------------------------------------------
 # An SFT run in subprocesses: 2 devices = 1 device, bitwise resume, export = evaluate.
 
+# 1.5 epochs of the 1,774 tokens of chat_train.jsonl at 0.9 x 4 rows of 128: ceil(5.78) = 6 steps (ar_lm_jax.epochs),
+# counted by the first start and taken from config.json by the resumed one.
 ARGS = ["--config=sft_tiny", "--config.model.num_heads=2", "--config.model.hidden_size=16", "--config.data.seq_len=128",
-        "--config.data.batch_size=4", "--config.train.steps=6", "--config.train.log_every=1",
+        "--config.data.batch_size=4", "--config.train.epochs=1.5", "--config.train.log_every=1",
         "--config.train.eval_every=0", "--config.train.progress=false", "--config.checkpoint.every_steps=3",
         "--config.train.loss_chunk_size=32"]
 
@@ -205,6 +207,7 @@ def sft(env, workdir, *extra):
   proc = subprocess.run([sys.executable, "-m", "experiments.train", *ARGS, f"--workdir={workdir}", *extra], env=env,
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+  assert "train.epochs=1.5: train.steps=6" in proc.stdout
   rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   return {r["step"]: r for r in rows if "loss" in r}
 

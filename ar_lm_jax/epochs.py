@@ -36,8 +36,6 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
 from ar_lm_jax import chat, data_sources
 from ar_lm_jax.config import Config, ConfigError, from_dict, to_dict
 from ar_lm_jax.tokenizer import load_tokenizer
@@ -67,9 +65,12 @@ class EpochPlan:
         f"{k}:{d.sources[k].lang} {self.steps * B * weights[k] / sum(weights) * L / max(t, 1):.2f}"
         for k, t in zip(self.sources, self.tokens))
     kind = "chat sources" if any(d.sources[k].format == "chat" for k in self.sources) else "sources"
+    small = ""
+    if self.epochs * rows < 0.5 * self.share * B:  # the step count was rounded up from well below 1
+      small = f"; {self.epochs:g} passes are under half a step, so the one step repeats the data far more often"
     return (f"train.epochs={self.epochs:g}: train.steps={self.steps} (one pass over the {kind} "
             f"{list(self.sources)} is {sum(self.tokens)} tokens = {rows:.2f} rows of {L}, at {self.share * B:.2f} "
-            f"of the {B} rows of a batch; passes per source at the end: {per_source})")
+            f"of the {B} rows of a batch; passes per source at the end: {per_source}{small})")
 
 
 def epoch_sources(cfg: Config) -> list[int]:

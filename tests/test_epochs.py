@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ar_lm_jax import chat, cli, data, epochs
-from ar_lm_jax.config import SAMPLE_DIR, ConfigError, MixtureStage, SourceConfig, dumps, load_config
+from ar_lm_jax.config import SAMPLE_DIR, ConfigError, MixtureStage, dumps, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

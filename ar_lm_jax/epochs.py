@@ -22,9 +22,9 @@ Counting reads the data once without training: cheap for SFT-sized sets, not for
 corpus, so streamed epoch sources larger than `MAX_COUNT_BYTES` on disk are an error (set
 train.steps instead); pre-tokenized ArrayRecord sources are counted from their manifest.
 
-A resumed run takes the steps recorded in its workdir's config.json when the epochs and the data
-config are those it was computed for, so resuming never depends on counting again (and the
-pipeline's file digests refuse changed data anyway).
+A resumed run (its workdir holds a checkpoint step) takes the steps recorded in its config.json when
+the epochs and the data config are those it was computed for, so resuming never depends on counting
+again (and the pipeline's file digests refuse changed data anyway).
 """
 
 from __future__ import annotations
@@ -159,9 +159,12 @@ def plan(cfg: Config) -> EpochPlan:
 
 
 def _recorded(cfg: Config, workdir: Optional[str | Path]) -> Optional[tuple[int, str]]:
-  """(steps, path) from a workdir's config.json computed for the same epochs and data, else None."""
+  """(steps, path) from the config.json of a run to resume, computed for the same epochs and data, else None."""
   if workdir is None:
     return None
+  ckpts = Path(workdir) / "checkpoints"
+  if not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+    return None  # nothing to resume: count (the files may have changed since that config.json was written)
   path = Path(workdir) / "config.json"
   try:
     saved = from_dict(Config, json.loads(path.read_text()))

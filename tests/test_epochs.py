@@ -100,6 +100,8 @@ def test_a_source_too_big_to_count_is_refused(monkeypatch):
 def test_a_resumed_run_takes_the_recorded_steps(tmp_path, monkeypatch):
   resolved, _ = epochs.resolve(sft_tiny())
   (tmp_path / "config.json").write_text(dumps(resolved))
+  assert epochs.resolve(sft_tiny(), tmp_path)[1].recorded is None  # no checkpoint yet: nothing to resume, count
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
   monkeypatch.setattr(epochs, "plan", lambda cfg: pytest.fail("a resume must not count again"))
   again, plan = epochs.resolve(sft_tiny(), tmp_path)
   assert again.train.steps == 29 and plan.recorded == str(tmp_path / "config.json")

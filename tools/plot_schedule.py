@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
   steps = parse_steps(args.print_steps) if args.print_steps is not None else None
   if args.out is None and steps is None:
     raise cli.UsageError("give --out=FILE.png to plot, --print_steps=S,... to print, or both")
+  from ar_lm_jax import startup
+  startup.start(multiprocess=False)  # the GPU flags, before jax starts a backend
   total = cfg.train.steps
   schedule = optim.build_schedule(cfg.optim, total)  # ConfigError if the phases do not fit
   boundaries = optim.phase_boundaries(cfg.optim, total)

@@ -1,7 +1,4 @@
-"""Multi-process runs: how the processes join (explicit flags, SLURM or a Cloud TPU VM) and how they notice one leaving.
-
-`initialize` must run before anything touches a JAX backend (`jax.devices()`, `jax.default_backend()`,
-any array): JAX refuses to join a cluster once its backends exist.
+"""Multi-process runs once the processes joined (`startup.initialize`): the launch check, and how they notice one leaving.
 
 A lost process is found by `PeerWatch`, a heartbeat over the coordination service's key-value store,
 so that the survivors exit 1 with one line (which process, at which step, the last complete
@@ -12,7 +9,6 @@ with a C++ check failure.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import threading
 import time
@@ -23,137 +19,7 @@ from typing import Optional, Sequence
 import jax
 
 from ar_lm_jax.config import Config, ConfigError
-
-
-# ---------------------------------------------------------------------------
-# Joining: explicit flags, or an `srun` step in either launch shape.
-
-
-def under_srun() -> bool:
-  """True inside an `srun` step of several tasks (the variables JAX's SLURM detection reads)."""
-  # SLURM_STEP_NODELIST is set by srun only: a plain `salloc` shell has SLURM_JOB_ID and
-  # SLURM_NTASKS too, and joining there would wait forever for processes that never start.
-  needed = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-  return all(v in os.environ for v in needed) and int(os.environ["SLURM_NTASKS"]) > 1
-
-
-def on_cloud_tpu_vm() -> bool:
-  """True on a Cloud TPU VM (JAX found TPU chips and libtpu when it was imported), where JAX reads the slice's hosts itself."""
-  from jax._src import cloud_tpu_init  # pylint: disable=import-outside-toplevel  # the flag `import jax` sets; no public API
-  return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
-
-
-def _expand_tasks_per_node(text: str) -> list[int]:
-  """SLURM's compressed counts, e.g. '8(x2),4' -> [8, 8, 4]."""
-  out = []
-  for part in text.split(","):
-    m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
-    if not m:
-      raise ConfigError(f"cannot parse SLURM's tasks per node {text!r}")
-    out += [int(m.group(1))] * int(m.group(2) or 1)
-  return out
-
-
-def slurm_tasks_on_this_node() -> int:
-  env = os.environ
-  for var in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
-    if env.get(var):
-      counts = _expand_tasks_per_node(env[var])
-      node = int(env.get("SLURM_NODEID", "0"))
-      return counts[node] if node < len(counts) else counts[-1]
-  if env.get("SLURM_NTASKS_PER_NODE"):
-    return int(env["SLURM_NTASKS_PER_NODE"])
-  nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-  return max(1, int(env["SLURM_NTASKS"]) // nodes)
-
-
-def slurm_visible_gpus() -> Optional[int]:
-  """How many GPUs this task's CUDA runtime will list (None: no GPU was allocated, a CPU or TPU job).
-
-  SLURM's gres plugin sets CUDA_VISIBLE_DEVICES to the task's GPUs (one per task with
-  --gpus-per-task=1 or --gpu-bind, the node's allocation otherwise); the SLURM_* GPU variables are
-  read only when it is missing.
-  """
-  env = os.environ
-  cvd = env.get("CUDA_VISIBLE_DEVICES")
-  if cvd is not None and cvd.strip() and cvd.strip() != "NoDevFiles":
-    return len([x for x in cvd.split(",") if x.strip()])
-  for var in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
-    if env.get(var, "").strip():
-      return len(env[var].split(","))
-  if env.get("SLURM_GPUS_ON_NODE", "").strip():
-    return int(env["SLURM_GPUS_ON_NODE"])
-  return None
-
-
-def slurm_local_device_ids() -> Optional[list[int]]:
-  """The GPU ordinals this `srun` task drives, for `jax.distributed.initialize(local_device_ids=)`.
-
-  JAX's SLURM detection defaults to `[SLURM_LOCALID]`: right for one task per GPU on a node whose
-  tasks all see every GPU, but one GPU per node for `--ntasks-per-node=1 --gpus-per-node=8`, and a
-  GPU ordinal that does not exist when SLURM binds each task to its own GPU (it then sees only
-  ordinal 0). Here: one task per node drives every visible GPU; k tasks on a node that see one GPU
-  each drive that one; k tasks that share g visible GPUs split them, g/k each, by SLURM_LOCALID.
-  None leaves the choice to JAX (no GPUs allocated: a CPU or TPU job).
-  """
-  gpus = slurm_visible_gpus()
-  if gpus is None:
-    return None
-  tasks = slurm_tasks_on_this_node()
-  if tasks == 1 or gpus == 1:
-    return list(range(gpus))
-  if gpus % tasks:
-    raise ConfigError(f"srun started {tasks} tasks on this node, which share {gpus} visible GPUs: give each task "
-                      "the same number (e.g. --ntasks-per-node=1 with all GPUs, or one task per GPU)")
-  per_task = gpus // tasks
-  local = int(os.environ["SLURM_LOCALID"])
-  return list(range(local * per_task, (local + 1) * per_task))
-
-
-def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, cpu_collectives: str = "gloo",
-               initialization_timeout_s: int = 300, peer_timeout_s: int = 60) -> bool:
-  """Joins the job's processes and starts the peer watch; returns whether this is a multi-process run.
-
-  Explicit flags win; under `srun` JAX reads the coordinator and process ids from SLURM's variables
-  and the local GPUs come from `slurm_local_device_ids` (JAX_LOCAL_DEVICE_IDS, if set, wins over
-  both). Single-process runs (no flags, no srun) skip this entirely.
-  """
-  explicit = (coordinator_address, num_processes, process_id)
-  srun = all(v is None for v in explicit) and under_srun()
-  # On a TPU VM, jax.distributed.initialize() with no arguments finds the slice's workers in the GCE
-  # metadata (docs/tpu.md); orbax's multi-host barriers need the client it starts.
-  if all(v is None for v in explicit) and not srun and not on_cloud_tpu_vm():
-    return False
-  if any(v is not None for v in explicit):
-    if any(v is None for v in explicit):
-      raise ConfigError("--coordinator_address, --num_processes and --process_id must be given together")
-    if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise ConfigError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
-    if ":" not in coordinator_address:
-      raise ConfigError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT")
-  local_device_ids = slurm_local_device_ids() if srun and not os.environ.get("JAX_LOCAL_DEVICE_IDS") else None
-  # CPU processes need a collectives backend to all-reduce across hosts. Set it unconditionally:
-  # asking which backend is in use would initialize it, and the option is ignored on GPU/TPU.
-  jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-  # JAX's own heartbeat timeout aborts every survivor with a C++ check failure; it must fire well
-  # after PeerWatch has had its chance to exit with one line.
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id, local_device_ids=local_device_ids,
-                             initialization_timeout=initialization_timeout_s,
-                             heartbeat_timeout_seconds=jax_heartbeat_timeout_s(peer_timeout_s))
-  global _WATCH
-  _WATCH = PeerWatch(_client(), jax.process_index(), jax.process_count(), peer_timeout_s).start()
-  return True
-
-
-def jax_heartbeat_timeout_s(peer_timeout_s: int) -> int:
-  return max(100, 2 * peer_timeout_s + 30)
-
-
-def _client():
-  from jax._src import distributed as jax_distributed  # the coordination service's key-value store
-  return jax_distributed.global_state.client
+from ar_lm_jax.startup import slurm_tasks_on_this_node, slurm_visible_gpus, under_srun
 
 
 # ---------------------------------------------------------------------------
@@ -330,6 +196,18 @@ class PeerWatch:
       self.client.key_value_set(f"{_PREFIX}{self.index}", "done", allow_overwrite=True)
     except Exception:  # noqa: BLE001
       pass
+
+
+def start_watch(peer_timeout_s: int) -> "PeerWatch":
+  """Starts this process's peer watch, once `startup.initialize` has joined the processes."""
+  global _WATCH
+  _WATCH = PeerWatch(_client(), jax.process_index(), jax.process_count(), peer_timeout_s).start()
+  return _WATCH
+
+
+def _client():
+  from jax._src import distributed as jax_distributed  # the coordination service's key-value store
+  return jax_distributed.global_state.client
 
 
 def watch() -> Optional[PeerWatch]:

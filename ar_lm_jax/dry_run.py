@@ -21,13 +21,12 @@ the compiler says a chip offers (docs/tpu.md).
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Optional
 
 import jax
 
 from ar_lm_jax import attention as attention_lib
-from ar_lm_jax import collectives, sharding, tpu_topology
+from ar_lm_jax import aot, sharding, tpu_topology
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import Config
 from ar_lm_jax.model import param_count
@@ -44,42 +43,34 @@ def _gb(n: float) -> str:
   return f"{n / GB:.2f} GB"
 
 
-def _memory(compiled, compile_s: float) -> Optional[dict[str, Any]]:
-  stats = compiled.memory_analysis()
-  if stats is None:
+def _memory(compiled: aot.Compiled) -> Optional[dict[str, Any]]:
+  """The report's memory entry: XLA's analysis with the compile time, or None where the compiler gives none."""
+  if compiled.memory is None:
     return None
-  mem = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp", "generated_code")}
-  # Donated state is aliased to the output, so it is counted once.
-  mem["peak_estimate"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
-  mem["compile_s"] = round(compile_s, 2)
-  return mem
+  return {**compiled.memory, "compile_s": round(compiled.compile_s, 2)}
 
 
-def _out_of_memory(e: Exception, compile_s: float) -> Optional[dict[str, Any]]:
+def _out_of_memory(e: aot.OutOfMemory) -> dict[str, Any]:
   """XLA:TPU refuses at compile time a program that exceeds HBM, naming the bytes it needed: that is the peak."""
-  parsed = tpu_topology.parse_out_of_memory(str(e))
-  if parsed is None:
-    return None
-  return {"peak_estimate": parsed[0], "out_of_memory": True, "compiler_hbm": parsed[1], "compile_s": round(compile_s, 2)}
+  return {"peak_estimate": e.peak_bytes, "out_of_memory": True, "compiler_hbm": e.hbm_bytes,
+          "compile_s": round(e.compile_s, 2)}
 
 
-def compile_train_step(setup: step_lib.Setup) -> tuple[Any, Optional[dict[str, Any]], str]:
+def compile_train_step(setup: step_lib.Setup) -> tuple[Optional[aot.Compiled], Optional[dict[str, Any]], str]:
   """(compiled step or None, XLA's per-device memory analysis or None, why not) for the train step."""
   cfg = setup.cfg
   platform = setup.mesh.devices.flat[0].platform
   impl = attention_lib.resolve_attention(cfg.model, platform)
   if attention_lib.KERNEL_PLATFORM.get(impl, platform) != platform:
     return None, None, f"model.attention={impl} compiles only on {attention_lib.KERNEL_PLATFORM[impl].upper()}, not {platform}"
-  step = step_lib.jit_train_step(setup)
-  t0 = time.perf_counter()
   with setup.activate():
-    lowered = step.lower(setup.abstract_state, step_lib.abstract_batch(cfg))
     try:
-      compiled = lowered.compile()
+      compiled = aot.compile_fn(step_lib.jit_train_step(setup), setup.abstract_state, step_lib.abstract_batch(cfg))
+    except aot.OutOfMemory as e:
+      return None, _out_of_memory(e), ""
     except jax.errors.JaxRuntimeError as e:  # e.g. a compiler that rejects the program on this backend
-      oom = _out_of_memory(e, time.perf_counter() - t0)
-      return None, oom, "" if oom else f"compilation failed on {platform}: {str(e).splitlines()[0]}"
-  mem = _memory(compiled, time.perf_counter() - t0)
+      return None, None, f"compilation failed on {platform}: {str(e).splitlines()[0]}"
+  mem = _memory(compiled)
   return compiled, mem, "" if mem else f"the {platform} compiler gives no memory analysis"
 
 
@@ -88,7 +79,7 @@ def compiled_memory(setup: step_lib.Setup) -> tuple[Optional[dict[str, Any]], st
   compiled, mem, why = compile_train_step(setup)
   if compiled is None:
     return None, why or f"the compiler ran out of device memory: the step needs {_gb(mem['peak_estimate'])}"
-  mem["collectives"] = collectives.collective_report(compiled)  # moved to the report's top level by dry_run
+  mem["collectives"] = compiled.collectives  # moved to the report's top level by dry_run
   return mem, why
 
 
@@ -193,13 +184,13 @@ def compile_eval_step(setup: step_lib.Setup) -> tuple[Optional[dict[str, Any]], 
   """Memory of the in-training eval step (`evaluate.Scorer`, compiled as TrainEvaluator compiles it), or (None, why not)."""
   from ar_lm_jax import evaluate
   cfg = setup.cfg
-  t0 = time.perf_counter()
   try:
     scorer = evaluate.Scorer(setup, cfg.data.batch_size // cfg.optim.grad_accum_steps)
+  except aot.OutOfMemory as e:
+    return _out_of_memory(e), ""
   except jax.errors.JaxRuntimeError as e:
-    oom = _out_of_memory(e, time.perf_counter() - t0)
-    return oom, "" if oom else f"compilation failed: {str(e).splitlines()[0]}"
-  mem = _memory(scorer._compiled, time.perf_counter() - t0)
+    return None, f"compilation failed: {str(e).splitlines()[0]}"
+  mem = _memory(scorer.compiled)
   return mem, "" if mem else "the compiler gives no memory analysis"
 
 
@@ -252,10 +243,10 @@ def target_report(setup: step_lib.Setup, tpu: tpu_topology.TpuSlice) -> dict[str
       m.get("out_of_memory") for m in (mem, eval_mem))
   report["collective_bytes_per_device"] = None
   if compiled is not None:
-    coll = collectives.collective_report(compiled)
+    coll = compiled.collectives
     report["collective_bytes_per_device"] = coll.bytes_per_device
     _say(coll.summary())
-  kernels = mosaic_kernels(compiled) if compiled is not None else None
+  kernels = mosaic_kernels(compiled.compiled) if compiled is not None else None
   report["attention"] = attention_lib.resolve_attention(cfg.model, "tpu")
   report["mosaic_kernels_in_train_step"] = kernels
   if kernels is not None:

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ar_lm_jax import aot
 from ar_lm_jax import checkpoint as checkpoint_lib
 from ar_lm_jax import chat, data_sources, sharding
 from ar_lm_jax import step as step_lib
@@ -147,7 +148,7 @@ class Scorer:
                  out_shardings=NamedSharding(setup.mesh, P()))
     abstract_batch = {k: jax.ShapeDtypeStruct((batch_rows, self.seq_len), jnp.int32) for k in ROW_KEYS}
     with setup.activate():  # compiled once, here: evaluating again never recompiles
-      self._compiled = fn.lower(setup.abstract_state["params"], abstract_batch).compile()
+      self.compiled = aot.compile_fn(fn, setup.abstract_state["params"], abstract_batch)
 
   def _nll_sum(self, params, batch):
     s_nll, _ = step_lib.loss_sums(self.setup.model, params, batch, self.setup.cfg)
@@ -171,7 +172,7 @@ class Scorer:
   def nll_sum(self, params, batches: Iterable[dict[str, jax.Array]]) -> float:
     total = jnp.zeros((), jnp.float32)
     for batch in batches:  # dispatched back to back; the host waits once, at the end
-      total = total + self._compiled(params, batch)
+      total = total + self.compiled(params, batch)
     return float(jax.device_get(total))
 
 

@@ -68,6 +68,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from ar_lm_jax import aot
 from ar_lm_jax import evaluate as evaluate_lib
 from ar_lm_jax import generate as generate_lib
 from ar_lm_jax import sharding
@@ -155,7 +156,7 @@ class Engine:
       abstract = {**{k: jax.ShapeDtypeStruct((self.rows, length), jnp.int32) for k in ROW_KEYS},
                   **{k: jax.ShapeDtypeStruct((self.rows, scored), jnp.int32) for k in SCORE_KEYS}}
       with self.setup.activate():
-        self._compiled[key] = fn.lower(self.setup.abstract_state["params"], abstract).compile()
+        self._compiled[key] = aot.compile_fn(fn, self.setup.abstract_state["params"], abstract)
     return self._compiled[key]
 
   # Process 0 announces every batch; the others receive it in `follow`.

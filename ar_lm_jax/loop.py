@@ -20,7 +20,7 @@ import numpy as np
 from ar_lm_jax import data as data_lib
 from ar_lm_jax import distributed
 from ar_lm_jax import evaluate as evaluate_lib
-from ar_lm_jax import perf, sharding
+from ar_lm_jax import aot, flops, sharding
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.checkpoint import Checkpointer
 from ar_lm_jax.config import Config, dumps
@@ -177,11 +177,9 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     state = step_lib.init_state(setup, cfg.train.seed)
   start_step = int(jax.device_get(state["step"]))
 
-  step_fn = step_lib.jit_train_step(setup)
   with setup.activate():
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(setup.abstract_state, step_lib.abstract_batch(cfg)).compile()
-    compile_s = time.perf_counter() - t0
+    compiled = aot.compile_fn(step_lib.jit_train_step(setup), setup.abstract_state, step_lib.abstract_batch(cfg))
+  compile_s = compiled.compile_s
   _say(f"train step compiled in {compile_s:.1f}s")
 
   # Held-out sets read, packed and the eval function compiled once, before the loop.
@@ -193,8 +191,8 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   writer = MetricsWriter(workdir, enabled=is_main, total_steps=cfg.train.steps, progress=cfg.train.progress)
   writer.start_at(start_step)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  flops_per_token = perf.model_flops_per_token(cfg.model, cfg.data.seq_len)
-  peak = perf.peak_flops_per_device()
+  flops_per_token = flops.model_flops_per_token(cfg.model, cfg.data.seq_len)
+  peak = flops.peak_flops_per_device()
   first_loss = last_loss = None
   pending: Optional[tuple[int, dict, dict]] = None
   t_last, step_last = time.perf_counter(), start_step
@@ -212,7 +210,7 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
            "skipped_steps": int(m["skipped_steps"])}
     row["scored_tokens"] = int(m["tokens"])  # targets the loss averaged over (fine-tuning: the assistant tokens)
     if peak:
-      row["mfu"] = tps * flops_per_token / (peak * jax.device_count())
+      row["mfu"] = flops.mfu(tps, flops_per_token, peak, jax.device_count())
     row.update(data_stats)  # with data/batch_hash, the global batch's fingerprint
     writer.write(step, row)
     writer.progress(step, loss, tps)

@@ -19,7 +19,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from ar_lm_jax import attention
+from ar_lm_jax import attention, startup
 
 
 def main() -> None:
@@ -30,6 +30,7 @@ def main() -> None:
   p.add_argument("--head_dim", type=int, default=64)
   p.add_argument("--max_segments", type=int, default=64)
   a = p.parse_args()
+  startup.start(multiprocess=False)  # the GPU flags, before jax starts a backend
   B, T, N, H = a.batch, a.seq_len, a.heads, a.head_dim
   qkv = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((B, T), jnp.int32)

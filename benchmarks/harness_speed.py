@@ -66,6 +66,8 @@ def main() -> None:
   p.add_argument("--batch_size", type=int, default=8, help="rows per batch (ours) and requests per batch (HF)")
   args = p.parse_args()
 
+  from ar_lm_jax import startup
+  startup.start(multiprocess=False)  # the GPU flags, before jax starts a backend
   from ar_lm_jax import harness, hf_io, loop
   tmp = Path(tempfile.mkdtemp(prefix="harness_speed_"))
   workdir = args.workdir

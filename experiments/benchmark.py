@@ -4,7 +4,8 @@ Compiles the step ahead of time (printing memory_analysis()), times N steps on a
 synthetic packed batch after warm-up, and prints tokens/s and MFU. The last line
 is a JSON object; its `collective_bytes_per_device` gives the bytes each device
 sends to each kind of collective per step, read from the compiled HLO. `--compare_torch` alternates with transformers'
-StableLmForCausalLM + torch.optim.AdamW on the same config, batch and threads.
+StableLmForCausalLM + torch.optim.AdamW on the same config, batch and threads. The benchmark itself is
+benchmarks/train_step.py, outside the package; run this from the repo root.
 """
 
 import json
@@ -17,16 +18,15 @@ def main() -> int:
   p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
   p.add_argument("--compare_torch", action="store_true", help="also time the transformers + torch.optim.AdamW baseline")
-  p.add_argument("--torch_adamw", default="default", choices=["default", "foreach", "fused"],
-                 help="torch AdamW implementation (default: torch's own choice on this device)")
-  cfg, args = cli.parse_args(p)
-  if args.steps < 1 or args.warmup < 0:
-    raise cli.UsageError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+  p.add_argument("--torch_adamw", default="default",
+                 help="torch AdamW implementation: default (torch's own choice on this device), foreach or fused")
+  cfg, args = cli.parse_args(p)  # the values are checked once, by benchmarks.train_step.check_args
 
-  from ar_lm_jax import perf  # jax starts only after the flags parsed, and after the GPU flags are set
-  perf.apply_gpu_xla_flags()
-  result = perf.benchmark(cfg, steps=args.steps, warmup=args.warmup, compare_torch=args.compare_torch,
-                          torch_adamw=args.torch_adamw)
+  from ar_lm_jax import startup
+  startup.start(multiprocess=False)  # the GPU flags, before jax starts a backend
+  from benchmarks import train_step
+  result = train_step.benchmark(cfg, steps=args.steps, warmup=args.warmup, compare_torch=args.compare_torch,
+                                torch_adamw=args.torch_adamw)
   print(json.dumps(result))
   return 0
 

@@ -27,6 +27,8 @@ def main() -> int:
   p.add_argument("--batch_size", type=int, default=None, help="rows of seq_len per batch (default: the run's micro-batch)")
   _, args = cli.parse_args(p)
 
+  from ar_lm_jax import startup
+  startup.start(multiprocess=False)  # the GPU flags, before jax starts a backend
   from ar_lm_jax import evaluate  # jax is imported only after the flags parsed
   try:
     lines = evaluate.evaluate_file(args.data, workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,

@@ -35,6 +35,8 @@ def main() -> int:
     raise cli.UsageError("--prompt is empty: give text to continue (no BOS is added)")
   if args.max_new_tokens < 1:
     raise cli.UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+  from ar_lm_jax import startup
+  startup.start(multiprocess=False)  # the GPU flags, before jax starts a backend
   from ar_lm_jax import evaluate, generate  # jax is imported only after the flags parsed
   try:
     sampling = (generate.GREEDY if args.greedy else generate.Sampling(args.temperature, args.top_k, args.top_p)).check()

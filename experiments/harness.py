@@ -48,10 +48,10 @@ def main() -> int:
   if args.log_samples and not args.output_path:
     raise cli.UsageError("--log_samples needs --output_path")
 
+  from ar_lm_jax import startup  # the GPU flags, then joining the processes, before any backend starts
+  startup.start(args.coordinator_address, args.num_processes, args.process_id)
   from ar_lm_jax import harness  # jax, lm-eval and datasets are imported only after the flags parsed
   harness.offline()
-  from ar_lm_jax import distributed
-  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   manager = harness.task_manager(args.include_path)
   harness.check_tasks(manager, tasks)  # before the checkpoint is read: a typo costs seconds, not a load
   lm = harness.ArLmJax(pretrained=args.workdir, step=args.step, batch_size=args.batch_size, max_length=args.max_length,

@@ -28,11 +28,10 @@ def main() -> int:
   if args.target:
     cfg = _resolve_epochs(cfg, None, multi=False, is_main=True)
     return dry_run_for_target(cfg, args.target, args.dry_run)
-  from ar_lm_jax import perf  # XLA reads XLA_FLAGS once, when a backend starts: the GPU flags go first
-  perf.apply_gpu_xla_flags()
-  from ar_lm_jax import distributed, loop  # jax is imported only after the flags parsed
-  multi = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                                 peer_timeout_s=cfg.checkpoint.peer_timeout_s)
+  from ar_lm_jax import startup  # the GPU flags, then joining the processes, before any backend starts
+  multi = startup.start(args.coordinator_address, args.num_processes, args.process_id,
+                        peer_timeout_s=cfg.checkpoint.peer_timeout_s)
+  from ar_lm_jax import distributed, loop
   import jax
   from ar_lm_jax.config import ConfigError
   is_main = jax.process_index() == 0  # only process 0 prints (and logs, and writes metrics)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ar_lm_jax import perf, tpu_topology
+from ar_lm_jax import flops, tpu_topology
 
 pytestmark = pytest.mark.skipif(not tpu_topology.libtpu_installed(), reason="libtpu is not installed (requirements-tpu.txt)")
 
@@ -50,7 +50,7 @@ def test_slice_table_matches_libtpu(name, slice_devices):
   assert len(devs) == s.chips  # one JAX device per chip (v4/v5p in megacore mode)
   assert {kind for kind, _ in devs} == {s.chip.device_kind}
   assert len({proc for _, proc in devs}) == s.hosts
-  assert perf.peak_flops_for_kind(s.chip.device_kind) == s.chip.peak_bf16_flops
+  assert flops.peak_flops_for_kind(s.chip.device_kind) == s.chip.peak_bf16_flops
 
 
 def test_recommended_libtpu_flags_parse_and_two_dry_runs_share_a_host():

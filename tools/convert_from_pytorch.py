@@ -32,6 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--overwrite", action="store_true", help="replace a previous conversion in a non-empty --out")
   cfg, args = cli.parse_args(p, argv)
 
+  from ar_lm_jax import startup
+  startup.start(multiprocess=False)  # the GPU flags, before jax starts a backend
   from ar_lm_jax import hf_io
   summary = hf_io.import_hf(args.hf, args.out, cfg=cfg, overwrite=args.overwrite)
   print(f"wrote a params-only step-0 checkpoint ({summary['num_params']:,} parameters) to {summary['checkpoints']}")

@@ -31,6 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--overwrite", action="store_true", help="replace a previous export in a non-empty --out")
   _, args = cli.parse_args(p, argv)
 
+  from ar_lm_jax import startup
+  startup.start(multiprocess=False)  # the GPU flags, before jax starts a backend
   from ar_lm_jax import hf_io
   from ar_lm_jax.tokenizer import TokenizerError
   try:

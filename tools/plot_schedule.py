@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
   steps = parse_steps(args.print_steps) if args.print_steps is not None else None
   if args.out is None and steps is None:
     raise cli.UsageError("give --out=FILE.png to plot, --print_steps=S,... to print, or both")
+  from ar_lm_jax import startup
+  startup.start(multiprocess=False)  # the GPU flags, before jax starts a backend
   from ar_lm_jax import epochs  # train.epochs: the schedule's length is counted from the data
   cfg, plan = epochs.resolve(cfg)
   if plan is not None:

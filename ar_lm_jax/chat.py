@@ -40,6 +40,7 @@ import jinja2.ext
 import jinja2.sandbox
 import numpy as np
 
+from ar_lm_jax.errors import UserError
 from ar_lm_jax.tokenizer import SPECIAL_TOKENS, Arcade100k, load_tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -54,7 +55,7 @@ SKIP_REASONS = ("no_messages", "unknown_role", "no_assistant_turn", "empty_conte
 _MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
 
 
-class ChatError(ValueError):
+class ChatError(UserError):
   """A conversation that cannot be rendered; `reason` is one of SKIP_REASONS."""
 
   def __init__(self, reason: str, message: str = ""):

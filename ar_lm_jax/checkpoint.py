@@ -1,4 +1,4 @@
-"""Checkpoints and fault tolerance: what a run saves, how it comes back, and when it must stop.
+"""A training run's checkpoints: what it saves, and how its train state comes back on resume.
 
 A checkpoint is `checkpoints/<step>/` with four orbax items:
   state        the train state (params, AdamW state, step, skipped_steps) as sharded arrays
@@ -19,6 +19,8 @@ checkpoint.keep_aside of each kind are kept.
 
 The state holds no RNG: nothing after init is random (no dropout), and the data order is a function
 of train.seed and the saved iterator state.
+
+Reading a saved run outside training (evaluation, generation, export, init_from) is `saved_run`.
 """
 
 from __future__ import annotations
@@ -54,8 +56,6 @@ class CheckpointError(config_lib.ConfigError):
   """
 
 
-
-
 class _Unusable(Exception):
   """A checkpoint that cannot be read back intact (the message says why)."""
 
@@ -70,7 +70,7 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def _short(e: BaseException, innermost: bool = False) -> str:
+def short_error(e: BaseException, innermost: bool = False) -> str:
   """The exception's type and first line; `innermost`: of its deepest cause (orbax wraps TensorStore's error,
   which names the array, in one that names only the slices read)."""
   while innermost and e.__cause__ is not None:
@@ -107,7 +107,7 @@ class _DropOrbaxUnretrieved(logging.Filter):
     return not _orbax_unretrieved(record)
 
 
-def _quiet_orbax_leftovers() -> None:
+def quiet_orbax_leftovers() -> None:
   """After a failed array read, orbax's unfinished coroutines print 100-300 lines of 'Exception ignored'
   and 'Event loop is closed' as they are collected, and asyncio logs the other reads' errors as 'never
   retrieved'; the warning line says everything they would."""
@@ -164,7 +164,7 @@ def _agreed(read: Any) -> Any:
   except Exception as e:  # noqa: BLE001 - reported below, on every process
     if jax.process_count() == 1:
       raise
-    kind, message = _FAILED, _short(e)
+    kind, message = _FAILED, short_error(e)
   outcomes = [(kind, message)]
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -277,7 +277,7 @@ def _read_data_states(directory: Path) -> list:
     try:
       states.append(json.loads(found[(i, n)].read_text()))
     except (OSError, ValueError) as e:
-      raise _Unusable(f"cannot read data/{found[(i, n)].name} ({_short(e)})") from None
+      raise _Unusable(f"cannot read data/{found[(i, n)].name} ({short_error(e)})") from None
   return states
 
 
@@ -402,7 +402,7 @@ class Checkpointer:
       try:
         small[item] = ocp.handlers.JsonCheckpointHandler().restore(epath.Path(path / item))
       except Exception as e:  # noqa: BLE001 - whatever the reader raises, this checkpoint cannot be used
-        raise _Unusable(f"cannot read {item}/metadata ({_short(e)})") from None
+        raise _Unusable(f"cannot read {item}/metadata ({short_error(e)})") from None
     small["data"] = data_states[jax.process_index()] if len(data_states) == jax.process_count() else None
     small["data_states"] = data_states
     try:
@@ -410,18 +410,18 @@ class Checkpointer:
       saved_shapes = {path_str(p): (tuple(m.shape), str(m.dtype))
                       for p, m in jax.tree_util.tree_flatten_with_path(saved.tree)[0]}
     except Exception as e:  # noqa: BLE001
-      raise _Unusable(f"cannot read the state's metadata ({_short(e)})") from None
+      raise _Unusable(f"cannot read the state's metadata ({short_error(e)})") from None
     self._check_fits(step, saved_shapes, target)
     return small
 
   def _read_state(self, step: int, target: Any) -> Any:
     """This process's shards of a step's arrays, read by the handler (no barrier; see _read_small)."""
-    _quiet_orbax_leftovers()  # before the read: the collector may reach a failed read's futures during it
+    quiet_orbax_leftovers()  # before the read: the collector may reach a failed read's futures during it
     try:
       return ocp.StandardCheckpointHandler().restore(epath.Path(self.directory / str(step) / "state"),
                                                      args=ocp.args.StandardRestore(target))
     except Exception as e:  # noqa: BLE001
-      raise _Unusable(f"cannot read its state arrays ({_short(e, innermost=True)})") from None
+      raise _Unusable(f"cannot read its state arrays ({short_error(e, innermost=True)})") from None
 
   def _check_fingerprints(self, state: Any, saved: dict) -> None:
     bad = _mismatches(state, saved)
@@ -483,98 +483,6 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   if isinstance(d, list) and any(isinstance(x, (dict, list)) for x in d):
     return {k2: v2 for i, v in enumerate(d) for k2, v2 in _flatten(v, f"{prefix}[{i}]").items()}
   return {prefix: d}
-
-
-# ---------------------------------------------------------------------------
-# Reading a checkpoint outside training (evaluation, conversion).
-
-
-def saved_config(directory: str | Path, step: Optional[int] = None) -> tuple[int, config_lib.Config]:
-  """(step, the config it was saved with) of a checkpoints folder; the latest step when `step` is None."""
-  directory = Path(directory)
-  steps = sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
-  if step is None:
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {directory}")
-    step = steps[-1]
-  elif step not in steps:
-    raise CheckpointError(f"no checkpoint of step {step} in {directory} (steps: {steps or 'none'})")
-  try:
-    d = ocp.handlers.JsonCheckpointHandler().restore(epath.Path(directory / str(step) / "config"))
-  except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"cannot read the config of checkpoint {directory}/{step} ({_short(e)})") from None
-  try:
-    return step, config_lib.from_dict(config_lib.Config, d)
-  except config_lib.ConfigError as e:
-    raise CheckpointError(f"the config saved in {directory}/{step} no longer parses: {e}") from None
-
-
-def read_fingerprints(directory: str | Path, step: int) -> dict[str, int]:
-  """{leaf path: checksum} saved with checkpoint `step` of a checkpoints folder; CheckpointError when it has none."""
-  path = Path(directory) / str(step) / "fingerprint"
-  if not path.is_dir():
-    raise CheckpointError(f"checkpoint {Path(directory) / str(step)} has no fingerprint item, so its arrays cannot "
-                          "be checked; refusing to read it")
-  try:
-    saved = ocp.handlers.JsonCheckpointHandler().restore(epath.Path(path))
-  except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"cannot read the fingerprint of checkpoint {Path(directory) / str(step)} ({_short(e)})") from None
-  if not isinstance(saved, dict):
-    raise CheckpointError(f"the fingerprint of checkpoint {Path(directory) / str(step)} is not a JSON object")
-  return saved
-
-
-def verify_params(directory: str | Path, step: int, params: Any, saved: Optional[dict[str, int]] = None) -> None:
-  """Raises CheckpointError naming the step and the arrays when `params` (all of a checkpoint's params, or
-  any subtree of them as read by a streaming export) differ from the fingerprints saved with them.
-
-  Every reader of our checkpoints outside training goes through here (evaluate, generate, the notebook,
-  init_from, the export), so a damaged checkpoint is refused the same way everywhere."""
-  saved = read_fingerprints(directory, step) if saved is None else saved
-  now = fingerprints({"params": params})
-  bad = [k for k, v in now.items() if saved.get(k) != v]
-  if bad:
-    raise CheckpointError(f"checkpoint step {step} in {directory} is damaged: {len(bad)} param array(s) differ from "
-                          f"the fingerprint taken when it was saved ({', '.join(bad[:3])}); refusing to read it")
-
-
-def restore_params(directory: str | Path, step: int, cfg: config_lib.Config, shardings: Any = None,
-                   only: Optional[list[tuple]] = None) -> Any:
-  """The params (only; the optimizer state is never read) of a checkpoint: in `shardings`, or as host numpy
-  arrays when None. Checked against the fingerprint saved with them (`verify_params`); an unreadable or
-  damaged checkpoint raises CheckpointError.
-
-  `only` (leaf paths inside the params, host arrays only) reads just those leaves, for a streaming export."""
-  import flax.linen as nn
-  from ar_lm_jax.model import abstract_params
-  path = Path(directory) / str(step)
-  saved = read_fingerprints(directory, step)  # before the long read: a checkpoint without one is refused at once
-  abstract = nn.meta.unbox(abstract_params(cfg.model))
-  if only is not None:
-    assert shardings is None, "a partial read gives host arrays"
-    flat = {tuple(_key_str(k) for k in p): a for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    abstract = {}
-    for leaf in only:
-      node = abstract
-      for k in leaf[:-1]:
-        node = node.setdefault(k, {})
-      node[leaf[-1]] = flat[tuple(leaf)]
-  if shardings is None:
-    item = jax.tree.map(lambda _: 0, abstract)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-  else:
-    item = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-  _quiet_orbax_leftovers()
-  try:
-    out = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-        epath.Path(path / "state"),
-        args=ocp.args.PyTreeRestore(item={"params": item}, restore_args={"params": restore_args}, partial_restore=True))
-  except Exception as e:  # noqa: BLE001 - whatever the reader raises (a truncated chunk), this checkpoint cannot be used
-    raise CheckpointError(f"cannot read the params of checkpoint step {step} in {directory} ({_short(e)})") from None
-  params = out["params"]
-  verify_params(directory, step, params, saved)
-  return params
 
 
 def prune_aside(directory: str | Path, keep: int) -> list[Path]:

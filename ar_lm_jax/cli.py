@@ -1,8 +1,8 @@
 """The shared command-line face: `--config=NAME_OR_PATH`, `--config.section.key=VALUE`, plain flags.
 
 Every entry point in `experiments/` and `tools/` declares its own flags and calls
-`run_main`, which turns bad input (`ConfigError`, `UsageError`) into one line on
-stderr and exit code 2, never a traceback.
+`run_main`, which turns bad input (any `errors.UserError`: a config key, a flag, a
+file, a checkpoint) into one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ar_lm_jax.config import REPO_ROOT, Config, ConfigError, apply_overrides, load_config, parse_value
+from ar_lm_jax.errors import UserError
 
 CONFIGS_DIR = REPO_ROOT / "experiments" / "configs"
 EXIT_BAD_INPUT = 2
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
   """A bad command-line flag or argument (not a config key)."""
 
 
@@ -83,30 +84,12 @@ def _one_run_length(overrides: dict[str, str]) -> dict[str, str]:
   return overrides
 
 
-def _quiet_reader_noise(previous: Callable) -> Callable:
-  """A sys.unraisablehook that drops what orbax's readers leave behind when one read of a damaged checkpoint
-  fails: orbax closes its event loop while tensorstore still completes the other reads, each completion
-  reports `RuntimeError: Event loop is closed`, and the abandoned coroutines report at exit. None of it
-  says more than the one-line error; everything else still goes to `previous`."""
-
-  def hook(unraisable) -> None:
-    value = unraisable.exc_value
-    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-      return
-    if sys.is_finalizing() and type(unraisable.object).__name__ == "coroutine":
-      return
-    previous(unraisable)
-
-  return hook
-
-
 def run_main(main: Callable[[], Any]) -> None:
-  """Runs `main`, mapping bad input (a ConfigError, UsageError or TokenizerError) to exit 2 with a one-line message."""
-  from ar_lm_jax.tokenizer import TokenizerError  # a missing or malformed ranks file is bad input too
-  sys.unraisablehook = _quiet_reader_noise(sys.unraisablehook)
+  """Runs `main`, mapping bad input (a UserError, whatever part of the library raised it) to exit 2 with a
+  one-line message."""
   try:
     code = main()
-  except (ConfigError, UsageError, TokenizerError) as e:
+  except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
   sys.exit(int(code or 0))

@@ -6,7 +6,7 @@ line with `--config.section.key=VALUE`. Values are parsed as JSON where they
 parse, else taken as strings, and checked against the field's type, so a typo
 or a wrong type fails at start-up with a message that names the key.
 
-This module imports nothing from the rest of the library.
+This module imports nothing from the rest of the library but its error type (`errors`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ar_lm_jax.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "data" / "sample"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A bad configuration: unknown key, wrong type or impossible combination."""
 
 

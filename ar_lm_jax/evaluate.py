@@ -34,7 +34,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import sys
 import unicodedata
 from pathlib import Path
@@ -46,17 +45,17 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ar_lm_jax import aot
-from ar_lm_jax import checkpoint as checkpoint_lib
-from ar_lm_jax import chat, data_sources, sharding
+from ar_lm_jax import chat, data_sources, saved_run, sharding
 from ar_lm_jax import step as step_lib
-from ar_lm_jax.config import REPO_ROOT, Config, ConfigError, SourceConfig
+from ar_lm_jax.config import Config, ConfigError, SourceConfig
+from ar_lm_jax.errors import UserError
 from ar_lm_jax.tokenizer import Arcade100k, load_tokenizer
 
 ROW_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 
 
-class EvalError(ValueError):
-  """Unusable evaluation input: a missing file, a malformed JSONL line, no checkpoint."""
+class EvalError(UserError):
+  """Unusable evaluation input: a missing file, a malformed JSONL line, a bad flag."""
 
 
 @dataclasses.dataclass
@@ -271,10 +270,7 @@ def read_documents(path: str | Path, lang: Optional[str] = None, max_docs: Optio
     if fmt not in (None, "jsonl"):
       raise EvalError(f"--data: {path} is {fmt}, whose records carry no language: give --lang=LANG")
     return read_jsonl(path, max_docs)
-  try:
-    src = data_sources.resolve_source(SourceConfig(path=str(path), lang=lang), 0, label=f"--data={path}")
-  except ConfigError as e:
-    raise EvalError(str(e)) from None
+  src = data_sources.resolve_source(SourceConfig(path=str(path), lang=lang), 0, label=f"--data={path}")
   if src.format == "arrayrecord":
     raise EvalError(f"--data: {path} is pre-tokenized ArrayRecord; evaluation scores text (jsonl, parquet, text)")
   skipped = np.zeros(len(data_sources.SKIP_REASONS), np.int64)
@@ -364,72 +360,10 @@ class TrainEvaluator:
 
 
 # ---------------------------------------------------------------------------
-# From a saved run (the command-line tools and the notebook).
+# From a saved run (the command-line tools and the notebook; `saved_run` reads it).
 
 
-def default_workdir(runs_dir: Path = REPO_ROOT / "runs", env: str = "AR_LM_JAX_WORKDIR") -> Path:
-  """$AR_LM_JAX_WORKDIR, else the newest run in runs/ that has checkpoints (where `experiments.train` writes)."""
-  if os.environ.get(env):
-    return Path(os.environ[env])
-  runs = sorted((p for p in Path(runs_dir).glob("*") if (p / "checkpoints").is_dir()), key=lambda p: p.stat().st_mtime)
-  if not runs:
-    raise EvalError(f"${env} is not set and {runs_dir} holds no run with checkpoints; "
-                    "train one with `python -m experiments.train`")
-  return runs[-1]
-
-
-def checkpoint_location(workdir: Optional[str] = None, checkpoint: Optional[str] = None,
-                        step: Optional[int] = None) -> tuple[Path, Optional[int]]:
-  """(orbax checkpoints directory, step) from `--workdir` or `--checkpoint` (a checkpoints directory,
-  one step's directory, or a run's workdir)."""
-  if (workdir is None) == (checkpoint is None):
-    raise EvalError("give exactly one of --workdir and --checkpoint")
-  path = Path(checkpoint if checkpoint is not None else workdir)
-  if not path.is_dir():
-    raise EvalError(f"{path} is not a directory")
-  if workdir is not None or (path / "checkpoints").is_dir():
-    path = path / "checkpoints"
-  elif path.name.isdigit() and (path / "state").is_dir():
-    if step is not None and step != int(path.name):
-      raise EvalError(f"--step={step} contradicts the checkpoint directory {path}")
-    path, step = path.parent, int(path.name)
-  return path, step
-
-
-def for_devices(cfg: Config, num_devices: int, batch_rows: Optional[int] = None) -> Config:
-  """The run's config fitted to the devices at hand: its tensor-parallel size where it divides them, else 1,
-  and a batch of `batch_rows` (default: the run's micro-batch) rounded up to a multiple of the data axis."""
-  model_axis = cfg.mesh.model if num_devices % cfg.mesh.model == 0 else 1
-  data_axis = num_devices // model_axis
-  rows = batch_rows or cfg.data.batch_size // cfg.optim.grad_accum_steps
-  rows = -(-rows // data_axis) * data_axis
-  return cfg.replace(mesh=dataclasses.replace(cfg.mesh, data=data_axis, model=model_axis),
-                     data=dataclasses.replace(cfg.data, batch_size=rows),
-                     optim=dataclasses.replace(cfg.optim, grad_accum_steps=1))
-
-
-@dataclasses.dataclass
-class LoadedRun:
-  setup: step_lib.Setup  # the run's model and shardings, fitted to these devices
-  params: Any  # placed in setup.state_shardings["params"]
-  step: int  # the checkpoint's step
-  directory: Path  # the orbax checkpoints folder it came from
-
-
-def load_run(workdir: Optional[str] = None, checkpoint: Optional[str] = None, step: Optional[int] = None,
-             batch_rows: Optional[int] = None) -> LoadedRun:
-  """The params (only) of a trainer checkpoint, in the run's shardings, with its config."""
-  directory, step = checkpoint_location(workdir, checkpoint, step)
-  try:
-    step, cfg = checkpoint_lib.saved_config(directory, step)
-  except checkpoint_lib.CheckpointError as e:
-    raise EvalError(str(e)) from None
-  setup = step_lib.build(for_devices(cfg, jax.device_count(), batch_rows))
-  params = checkpoint_lib.restore_params(directory, step, setup.cfg, setup.state_shardings["params"])
-  return LoadedRun(setup, params, step, directory)
-
-
-def evaluate_texts(run: LoadedRun, by_lang: dict[str, list[str]]) -> list[dict[str, Any]]:
+def evaluate_texts(run: saved_run.LoadedRun, by_lang: dict[str, list[str]]) -> list[dict[str, Any]]:
   """Per-language result lines (then "all") for texts grouped by language."""
   cfg = run.setup.cfg
   tok = load_tokenizer(cfg.data.tokenizer_path)
@@ -446,4 +380,4 @@ def evaluate_file(path: str | Path, *, workdir: Optional[str] = None, checkpoint
   if batch_size is not None and batch_size < 1:
     raise EvalError(f"--batch_size must be >= 1, got {batch_size}")
   records = read_documents(path, lang, max_docs)
-  return evaluate_texts(load_run(workdir, checkpoint, step, batch_size), group_by_lang(records))
+  return evaluate_texts(saved_run.load_run(workdir, checkpoint, step, batch_size), group_by_lang(records))

@@ -26,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ar_lm_jax.config import ModelConfig
+from ar_lm_jax.errors import UserError
 from ar_lm_jax.model import StableLM, lm_logits
 from ar_lm_jax.tokenizer import EOS_ID, N_MERGEABLE, N_VOCAB, load_tokenizer
 
 PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this, so nearby lengths reuse a compilation
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError):
   """Bad generation input: an empty prompt, a sequence longer than the model allows, bad sampling settings."""
 
 

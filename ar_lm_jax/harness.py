@@ -69,9 +69,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ar_lm_jax import aot
-from ar_lm_jax import evaluate as evaluate_lib
 from ar_lm_jax import generate as generate_lib
-from ar_lm_jax import sharding
+from ar_lm_jax import saved_run, sharding
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import ConfigError
 from ar_lm_jax.model import StableLM, lm_logits
@@ -351,11 +350,8 @@ class ArLmJax(TemplateLM):
     if engine is None:
       if pretrained is None:
         raise HarnessError("the ar_lm_jax model needs pretrained=WORKDIR (a run's workdir or a converted checkpoint)")
-      try:
-        run = evaluate_lib.load_run(checkpoint=str(pretrained), step=_int_arg(step, "step"),
-                                    batch_rows=_int_arg(batch_size, "batch_size"))
-      except evaluate_lib.EvalError as e:
-        raise HarnessError(str(e)) from None
+      run = saved_run.load_run(checkpoint=str(pretrained), step=_int_arg(step, "step"),
+                               batch_rows=_int_arg(batch_size, "batch_size"))
       engine = Engine(run.setup, run.setup.cfg.data.batch_size, dtype)
       params, checkpoint_step = run.params, run.step
       tokenizer_path = tokenizer_path or run.setup.cfg.data.tokenizer_path

@@ -17,7 +17,9 @@ whose step-0 state holds `step` and `params` only, no optimizer state: start a
 run from it with `--config.checkpoint.init_from=DIR` (a fresh step-0 run with a
 fresh optimizer) or evaluate it like any checkpoint.
 
-safetensors, torch and orbax are imported inside the functions that need them.
+Our checkpoints are read through `saved_run` (every params read verified against
+its fingerprints) and written by `checkpoint.Checkpointer`; this module knows
+only the Hugging Face side. safetensors, torch and orbax are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -45,11 +47,10 @@ DEFAULT_MAX_SHARD_BYTES = 2 << 30
 # Files an export writes; --overwrite removes only these, never anything else in the directory.
 _HF_OUTPUTS = ("config.json", "generation_config.json", "model*.safetensors", SAFE_INDEX, "pytorch_model*.bin",
                BIN_INDEX, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", RUN_CONFIG)
-_CKPT_OUTPUTS = ("config.json", "checkpoints")
 
 
 class ConversionError(ConfigError):
-  """A path a conversion cannot use: not an HF model or checkpoint, a missing step, a non-empty output."""
+  """A path a conversion cannot use: not an HF model directory, an unreadable weights file, a non-empty output."""
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -279,114 +280,21 @@ def save_hf_model(params: Mapping | Callable[[tuple], np.ndarray], model_cfg: Mo
 
 
 # ---------------------------------------------------------------------------
-# Our orbax checkpoints.
-
-
-def checkpoints_dir(path: str | os.PathLike) -> Path:
-  """A workdir's `checkpoints/` folder, or `path` itself when it is that folder."""
-  p = Path(path)
-  if not p.is_dir():
-    raise ConversionError(f"{path}: no such directory")
-  return p / "checkpoints" if (p / "checkpoints").is_dir() else p
-
-
-def _state_dir(ckpt_dir: Path, step: int) -> Path:
-  # checkpoint.py's layout: each step holds a "state" item whose "params" subtree we read alone.
-  return Path(ckpt_dir) / str(step) / "state"
-
-
-def saved_param_shapes(ckpt_dir: Path, step: int) -> dict:
-  """Our path -> shape of every saved parameter, from the checkpoint's metadata (no array is read)."""
-  import jax
-  import orbax.checkpoint as ocp
-  meta = ocp.PyTreeCheckpointHandler().metadata(_state_dir(ckpt_dir, step))
-  tree = getattr(meta, "tree", meta)
-  if "params" not in tree:
-    raise ConversionError(f"{ckpt_dir}/{step}: the saved state has no params")
-  flat = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
-  return {tuple(k.key for k in path): tuple(m.shape) for path, m in flat}
-
-
-def _abstract_leaves(model_cfg: ModelConfig) -> dict:
-  import flax.linen as nn
-  import jax
-  from ar_lm_jax.model import abstract_params
-  flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params(model_cfg)))[0]
-  return {tuple(k.key for k in path): a for path, a in flat}
-
-
-def check_saved_shapes(ckpt_dir: Path, step: int, model_cfg: ModelConfig) -> None:
-  """Raises MappingError naming the first parameter whose saved shape differs from `model_cfg`'s."""
-  saved = saved_param_shapes(ckpt_dir, step)
-  for path, a in _abstract_leaves(model_cfg).items():
-    name = "params/" + "/".join(path)
-    if path not in saved:
-      raise hf.MappingError(f"{name}: missing from the checkpoint in {ckpt_dir}/{step} (the config expects {a.shape})")
-    if saved[path] != tuple(a.shape):
-      raise hf.MappingError(f"{name}: checkpoint shape {saved[path]} does not match the config's {tuple(a.shape)}")
-
-
-class CheckpointParams:
-  """A checkpoint's parameters as numpy arrays, read a group of leaves at a time on demand.
-
-  Called with a leaf path in `hf.leaves` order, it restores the next group of up
-  to `group_bytes` (partial restore: the optimizer state is never read) and hands
-  each leaf out once, so an export never holds the whole model: restoring the
-  whole tree at once peaks at about three copies of it. Each group is checked
-  against the checkpoint's fingerprints as it is read (`checkpoint.restore_params`),
-  so a damaged checkpoint raises before the export that streams it is complete.
-  """
-
-  def __init__(self, ckpt_dir: Path, step: int, cfg: Config, group_bytes: int = 1 << 30):
-    self._ckpt_dir, self._step, self._cfg = Path(ckpt_dir), step, cfg
-    self._structs = _abstract_leaves(cfg.model)
-    self._groups: list[list[tuple]] = []
-    size = group_bytes
-    for leaf in hf.leaves(cfg.model, cfg.model.scan_layers):
-      a = self._structs[leaf.path]
-      nbytes = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
-      if size + nbytes > group_bytes:
-        self._groups.append([])
-        size = 0
-      self._groups[-1].append(leaf.path)
-      size += nbytes
-    self._group_of = {path: i for i, g in enumerate(self._groups) for path in g}
-    self._loaded: dict[tuple, np.ndarray] = {}
-
-  def __call__(self, path: tuple) -> np.ndarray:
-    if path not in self._loaded:
-      self._loaded = {}  # drop what is left of the previous group before reading the next
-      self._loaded = self._restore(self._groups[self._group_of[path]])
-    return self._loaded.pop(path)
-
-  def _restore(self, paths: list[tuple]) -> dict[tuple, np.ndarray]:
-    from ar_lm_jax import checkpoint as ckpt_lib
-    try:
-      params = ckpt_lib.restore_params(self._ckpt_dir, self._step, self._cfg, only=paths)
-    except ckpt_lib.CheckpointError as e:
-      raise ConversionError(str(e)) from None
-    return {path: _get(params, path) for path in paths}
-
-
-def _saved_config(ckpt_dir: Path, step: Optional[int]) -> tuple[int, Config]:
-  from ar_lm_jax import checkpoint as ckpt_lib
-  try:
-    return ckpt_lib.saved_config(ckpt_dir, step)
-  except ckpt_lib.CheckpointError as e:
-    raise ConversionError(str(e)) from None
+# Export and import: our checkpoints <-> Hugging Face directories.
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, step: Optional[int] = None,
                       dtype: str = "float32", overwrite: bool = False,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
   """A workdir's (or checkpoints folder's) params -> a Hugging Face directory, tokenizer included."""
+  from ar_lm_jax import saved_run
   from ar_lm_jax.hf_tokenizer import save_hf_tokenizer
   from ar_lm_jax.tokenizer import N_VOCAB, load_tokenizer
   if dtype not in EXPORT_DTYPES:
     raise ConversionError(f"dtype: must be one of {EXPORT_DTYPES}, got {dtype!r}")
-  ckpt_dir = checkpoints_dir(checkpoint)
-  step, cfg = _saved_config(ckpt_dir, step)
-  check_saved_shapes(ckpt_dir, step, cfg.model)
+  ckpt_dir = saved_run.checkpoints_dir(checkpoint)
+  step, cfg = saved_run.saved_config(ckpt_dir, step)
+  saved_run.check_saved_shapes(ckpt_dir, step, cfg.model)
   if cfg.model.vocab_size < N_VOCAB:
     raise hf.MappingError(f"model.vocab_size={cfg.model.vocab_size} has no rows for the tokenizer's {N_VOCAB} ids")
   hf.hf_config_dict(cfg.model)  # refuses an architecture HF cannot express before anything is written
@@ -394,8 +302,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
   with staged_out_dir(out_dir, overwrite) as tmp:
     # Each group of params is checked against its fingerprints as it streams; a mismatch raises here,
     # before the temporary directory becomes --out.
-    summary = save_hf_model(CheckpointParams(ckpt_dir, step, cfg), cfg.model, tmp, dtype, cfg.model.scan_layers,
-                            max_shard_bytes)
+    summary = save_hf_model(saved_run.CheckpointParams(ckpt_dir, step, cfg), cfg.model, tmp, dtype,
+                            cfg.model.scan_layers, max_shard_bytes)
     save_hf_tokenizer(tokenizer, str(tmp))
     from ar_lm_jax import chat
     if chat.trains_on_chat(cfg.data):  # a fine-tuned chat model: its template, and generation stops at <|im_end|>
@@ -413,6 +321,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Option
   its max_position_embeddings).
   """
   import jax
+  from ar_lm_jax import saved_run
   from ar_lm_jax.checkpoint import Checkpointer
   from_hf = hf.model_config_from_hf(read_hf_config(hf_dir), cfg.model if cfg else None)
   if cfg is None and (Path(hf_dir) / RUN_CONFIG).is_file():
@@ -428,7 +337,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Option
   # Each leaf goes to a device as it is read: orbax saves jax arrays with about a third of the
   # transient memory it needs for numpy ones.
   params = load_hf_params(hf_dir, cfg.model, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  with staged_out_dir(out_dir, overwrite, _CKPT_OUTPUTS) as tmp:
+  with staged_out_dir(out_dir, overwrite, saved_run.WORKDIR_LAYOUT) as tmp:
     (tmp / "config.json").write_text(dumps(cfg))
     ckpt = Checkpointer(tmp / "checkpoints", cfg)
     ckpt.save(0, {"step": np.zeros((), np.int32), "params": params}, force=True)
@@ -438,41 +347,3 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Option
   n = sum(int(x.size) for x in jax.tree.leaves(params))
   return {"out": str(out), "checkpoints": str(out / "checkpoints"), "step": 0, "num_params": n,
           "model": dataclasses.asdict(cfg.model)}
-
-
-def is_our_checkpoint(path: str | os.PathLike) -> bool:
-  import orbax.checkpoint as ocp
-  p = Path(path)
-  return p.is_dir() and ((p / "checkpoints").is_dir() or bool(ocp.utils.checkpoint_steps(p)))
-
-
-def init_params(source: str | os.PathLike, model_cfg: ModelConfig, shardings: Any) -> Any:
-  """Parameters for a fresh run from `checkpoint.init_from`: an HF directory or one of our checkpoints (latest step).
-
-  The arrays land directly in `shardings`; a checkpoint saved with the other
-  `scan_layers` layout is re-laid-out on the host first.
-  """
-  if not Path(source).is_dir():
-    raise ConversionError(f"checkpoint.init_from: {source} is not a directory")
-  if not is_our_checkpoint(source):
-    return load_hf_params(source, model_cfg, shardings)
-  from ar_lm_jax import checkpoint as ckpt_lib
-  ckpt_dir = checkpoints_dir(source)
-  step, saved = _saved_config(ckpt_dir, None)
-  hf.check_same_architecture(model_cfg, saved.model, f"the checkpoint in {ckpt_dir}/{step}")
-  if saved.model.scan_layers == model_cfg.scan_layers:
-    check_saved_shapes(ckpt_dir, step, model_cfg)
-    try:
-      return ckpt_lib.restore_params(ckpt_dir, step, saved.replace(model=model_cfg), shardings)
-    except ckpt_lib.CheckpointError as e:
-      raise ConversionError(f"checkpoint.init_from: {e}") from None
-  check_saved_shapes(ckpt_dir, step, saved.model)
-  read = CheckpointParams(ckpt_dir, step, saved)
-  tensors: dict[str, np.ndarray] = {}
-  for leaf in hf.leaves(saved.model, saved.model.scan_layers):
-    tensors.update(hf.leaf_to_hf(leaf, read(leaf.path)))
-  params: dict = {}
-  for leaf in hf.leaves(model_cfg, model_cfg.scan_layers):
-    x = hf.leaf_from_hf(leaf, tensors.pop, _np_dtype(model_cfg.param_dtype))
-    hf.set_path(params, leaf.path, _place(x, _get(shardings, leaf.path)))
-  return params

@@ -23,7 +23,7 @@ from ar_lm_jax import evaluate as evaluate_lib
 from ar_lm_jax import aot, flops, sharding
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.checkpoint import Checkpointer
-from ar_lm_jax.config import Config, dumps
+from ar_lm_jax.config import Config, ConfigError, dumps
 from ar_lm_jax.metrics import MetricsWriter
 
 log = logging.getLogger("ar_lm_jax")
@@ -169,8 +169,12 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     data_iter.set_state(restored.data_states if restored.data_states is not None else restored.data_state)
     _say(f"resuming from checkpoint step {restored.step} in {ckpt.directory}")
   elif cfg.checkpoint.init_from:  # a fresh run (step 0, fresh optimizer) from given weights; a resume wins
-    from ar_lm_jax import hf_io
-    params = hf_io.init_params(cfg.checkpoint.init_from, cfg.model, setup.state_shardings["params"])
+    from ar_lm_jax import hf_io, saved_run
+    source = cfg.checkpoint.init_from
+    if not Path(source).is_dir():
+      raise ConfigError(f"checkpoint.init_from: {source} is not a directory")
+    read = saved_run.init_params if saved_run.is_our_checkpoint(source) else hf_io.load_hf_params  # ours, else HF's
+    params = read(source, cfg.model, setup.state_shardings["params"])
     state = step_lib.state_from_params(setup, params)
     _say(f"initialized the parameters from {cfg.checkpoint.init_from}")
   else:

@@ -26,6 +26,8 @@ from typing import Iterable
 import numpy as np
 import tiktoken
 
+from ar_lm_jax.errors import UserError
+
 ARCADE100K_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -69,7 +71,7 @@ N_VOCAB = FIRST_SPECIAL_ID + len(SPECIAL_TOKENS)  # 100289
 assert len(SPECIAL_TOKENS) == 32 and N_VOCAB == 100289
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
   """The ranks file is missing, corrupt or unusable, or ids cannot be decoded."""
 
 

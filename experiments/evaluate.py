@@ -10,7 +10,6 @@ ar_lm_jax/evaluate.py. Exit codes: 0 ok, 2 bad input (one line on stderr).
 """
 
 import json
-import sys
 
 from ar_lm_jax import cli
 
@@ -30,11 +29,8 @@ def main() -> int:
   from ar_lm_jax import startup
   startup.start(multiprocess=False)  # the GPU flags, before jax starts a backend
   from ar_lm_jax import evaluate  # jax is imported only after the flags parsed
-  try:
-    lines = evaluate.evaluate_file(args.data, workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
-                                   max_docs=args.max_docs, batch_size=args.batch_size, lang=args.lang)
-  except evaluate.EvalError as e:
-    raise cli.UsageError(str(e)) from None
+  lines = evaluate.evaluate_file(args.data, workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
+                                 max_docs=args.max_docs, batch_size=args.batch_size, lang=args.lang)
   for line in lines:
     print(json.dumps(line, ensure_ascii=False))
   return 0

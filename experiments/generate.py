@@ -37,19 +37,16 @@ def main() -> int:
     raise cli.UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
   from ar_lm_jax import startup
   startup.start(multiprocess=False)  # the GPU flags, before jax starts a backend
-  from ar_lm_jax import evaluate, generate  # jax is imported only after the flags parsed
-  try:
-    sampling = (generate.GREEDY if args.greedy else generate.Sampling(args.temperature, args.top_k, args.top_p)).check()
-    run = evaluate.load_run(args.workdir, args.checkpoint, args.step)
-    cfg = run.setup.cfg
-    if args.chat:
-      [out] = generate.generate_chat(run.params, cfg.model, [_messages(args.prompt)], args.max_new_tokens, sampling,
-                                     args.seed, cfg.data.tokenizer_path, cfg.data.chat_template)
-    else:
-      [out] = generate.generate_text(run.params, cfg.model, [args.prompt], args.max_new_tokens, sampling, args.seed,
-                                     cfg.data.tokenizer_path)
-  except (evaluate.EvalError, generate.GenerateError) as e:
-    raise cli.UsageError(str(e)) from None
+  from ar_lm_jax import generate, saved_run  # jax is imported only after the flags parsed
+  sampling = (generate.GREEDY if args.greedy else generate.Sampling(args.temperature, args.top_k, args.top_p)).check()
+  run = saved_run.load_run(args.workdir, args.checkpoint, args.step)
+  cfg = run.setup.cfg
+  if args.chat:
+    [out] = generate.generate_chat(run.params, cfg.model, [_messages(args.prompt)], args.max_new_tokens, sampling,
+                                   args.seed, cfg.data.tokenizer_path, cfg.data.chat_template)
+  else:
+    [out] = generate.generate_text(run.params, cfg.model, [args.prompt], args.max_new_tokens, sampling, args.seed,
+                                   cfg.data.tokenizer_path)
   print(out["text"])
   print(json.dumps({"tokens": out["tokens"], "text": out["text"]}, ensure_ascii=False))
   return 0

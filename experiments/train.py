@@ -33,7 +33,7 @@ def main() -> int:
                         peer_timeout_s=cfg.checkpoint.peer_timeout_s)
   from ar_lm_jax import distributed, loop
   import jax
-  from ar_lm_jax.config import ConfigError
+  from ar_lm_jax.errors import UserError
   is_main = jax.process_index() == 0  # only process 0 prints (and logs, and writes metrics)
   workdir = args.workdir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
   cfg = _resolve_epochs(cfg, None if args.dry_run else workdir, multi=multi, is_main=is_main)
@@ -55,7 +55,7 @@ def main() -> int:
       distributed.exit_after_error(e, 1, f"error: {e}")
     print(f"error: {e}", file=sys.stderr)
     return 1
-  except ConfigError as e:
+  except UserError as e:
     if multi:  # the others must not wait for this process in a collective, nor it for them at exit
       distributed.exit_after_error(e, cli.EXIT_BAD_INPUT, f"error: {e}")
     raise

@@ -266,9 +266,9 @@ def test_exported_model_masked_label_loss_equals_evaluate(reference_run, tmp_pat
 
 
 def test_generate_chat_replies_after_the_generation_prompt_and_stops_at_im_end(reference_run):
-  from ar_lm_jax import evaluate, generate
+  from ar_lm_jax import generate, saved_run
   workdir, _ = reference_run
-  run = evaluate.load_run(str(workdir))
+  run = saved_run.load_run(str(workdir))
   cfg = run.setup.cfg
   messages = [{"role": "user", "content": "ما عاصمة مصر؟"}]
   [reply] = generate.generate_chat(run.params, cfg.model, [messages], 12)

@@ -3,8 +3,8 @@
 The fingerprint against a numpy reference of its formula; restores compared bitwise with the
 state that was saved; damaged and unfinished checkpoints (a flipped byte, a truncated chunk, a
 missing item, broken JSON, a save killed half-way) moved aside with a warning naming the damage,
-never deleted; the keep policy; runs that do not fit a checkpoint; the params-only readers used by
-evaluation and conversion; the stop signals; resharding 4x2 -> 8x1 and -> one device (a
+never deleted; the keep policy; runs that do not fit a checkpoint; a params-only checkpoint refused
+for resume (its readers: test_saved_run.py); resharding 4x2 -> 8x1 and -> one device (a
 subprocess with 8 fake devices). The end-to-end runs (resume, SIGTERM, SIGKILL, NaN steps) are in
 test_loop.py.
 """
@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from ar_lm_jax import checkpoint as ckpt_lib
+from ar_lm_jax import saved_run
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.cli import CONFIGS_DIR
 from ar_lm_jax.config import ConfigError, load_config
@@ -237,33 +238,18 @@ def test_keep_policy_and_due_steps(small, tmp_path):
   assert sorted(int(p.name) for p in tmp_path.iterdir()) == [4, 8, 10, 12]
 
 
-def test_saved_config_and_params_only_reads(small, tmp_path):
-  cfg, setup, state, host = small
-  save_steps(tmp_path, cfg, state, [5, 7])
-  assert ckpt_lib.saved_config(tmp_path) == (7, cfg)
-  assert ckpt_lib.saved_config(tmp_path, 5) == (5, cfg)
-  with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint of step 6"):
-    ckpt_lib.saved_config(tmp_path, 6)
-  want = jax.device_get(variant(state, 7))["params"]
-  on_host = ckpt_lib.restore_params(tmp_path, 7, cfg)
-  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(on_host))
-  assert_same_tree(on_host, want)
-  sharded = ckpt_lib.restore_params(tmp_path, 7, cfg, setup.state_shardings["params"])
-  assert_same_tree(sharded, want)
-
-
 def test_params_only_checkpoint_is_refused_for_resume(small, tmp_path):
   cfg, setup, state, host = small
   ck = ckpt_lib.Checkpointer(tmp_path, cfg)  # as the HF import writes it: host arrays, no optimizer or data state
   for step in (0, 1):
     ck.save(step, {"step": np.zeros((), np.int32), "params": jax.tree.map(lambda x: x + step, host["params"])})
   ck.close()
-  assert_same_tree(ckpt_lib.restore_params(tmp_path, 0, cfg), host["params"])
+  assert_same_tree(saved_run.restore_params(tmp_path, 0, cfg), host["params"])
   with pytest.raises(ckpt_lib.CheckpointError, match="params-only checkpoint"):
     ckpt_lib.Checkpointer(tmp_path, cfg).restore_latest(setup.abstract_state, setup.state_shardings)
   damage(tmp_path / "0", "mixed_copy")
   with pytest.raises(ckpt_lib.CheckpointError, match="param array.* differ from the fingerprint"):
-    ckpt_lib.restore_params(tmp_path, 0, cfg)
+    saved_run.restore_params(tmp_path, 0, cfg)
 
 
 def test_keep_every_must_be_a_multiple_of_every_steps():

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from ar_lm_jax import checkpoint as ckpt_lib
-from ar_lm_jax import cli, evaluate, hf_io
+from ar_lm_jax import cli, evaluate, saved_run
 from ar_lm_jax.config import apply_overrides, dumps, load_config
 from ar_lm_jax.model import abstract_params
 from experiments import generate as generate_cmd
@@ -114,12 +114,12 @@ def test_a_damaged_checkpoint_never_exports_and_every_reader_refuses_it(pristine
   line = one_error_line(capsys)
   assert "step 2" in line and ("differ from the fingerprint" in line or "cannot read" in line), line
   assert not out.exists() and not list(tmp_path.glob(".hf.tmp-*"))  # nothing written, no staging left behind
-  # evaluate, generate and the notebook (evaluate.load_run), and init_from: the same check, the same words.
+  # evaluate, generate and the notebook (saved_run.load_run), and init_from: the same check, the same words.
   with pytest.raises(ckpt_lib.CheckpointError) as e:
-    evaluate.load_run(workdir=str(workdir))
+    saved_run.load_run(workdir=str(workdir))
   assert gist(f"error: {e.value}") == gist(line)
-  with pytest.raises(hf_io.ConversionError, match="step 2"):
-    hf_io.init_params(str(workdir), cfg.model, _host_shardings(cfg))
+  with pytest.raises(ckpt_lib.CheckpointError, match="step 2"):
+    saved_run.init_params(str(workdir), cfg.model, _host_shardings(cfg))
   assert tree_snapshot(workdir) == before  # a reader moves nothing aside: that is the trainer's job
   assert run_tool(convert_to_pytorch.main, [f"--checkpoint={workdir}", "--step=1", f"--out={tmp_path / 'ok'}"]) == 0
   capsys.readouterr()

@@ -21,8 +21,7 @@ import pytest
 from hf_testing import one_torch_thread  # noqa: F401 (autouse fixture)
 import torch
 
-from ar_lm_jax import checkpoint as checkpoint_lib
-from ar_lm_jax import cli, data, evaluate, hf, loop
+from ar_lm_jax import cli, data, evaluate, hf, loop, saved_run
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import apply_overrides, load_config
 from ar_lm_jax.model import StableLM
@@ -122,7 +121,7 @@ def language_loss(per_doc: list[tuple[float, int]]) -> float:
 def our_per_document_losses(cfg, workdir: Path, step: int) -> dict[str, list[tuple[float, int]]]:
   """(loss, tokens) per held-out document: our model on each document alone, through the train step's loss."""
   tok = load_tokenizer()
-  params = checkpoint_lib.restore_params(workdir / "checkpoints", step, cfg)
+  params = saved_run.restore_params(workdir / "checkpoints", step, cfg)
   T = cfg.data.seq_len
   nll = jax.jit(lambda p, b: step_lib.loss_sums(StableLM(cfg.model), p, b, cfg)[0])
   out = {}
@@ -140,7 +139,7 @@ def our_per_document_losses(cfg, workdir: Path, step: int) -> dict[str, list[tup
 
 def our_evaluation(workdir: Path) -> dict[str, dict]:
   """`experiments.evaluate`'s result lines on the held-out documents, by language."""
-  lines = evaluate.evaluate_texts(evaluate.load_run(workdir=str(workdir)), held_out())
+  lines = evaluate.evaluate_texts(saved_run.load_run(workdir=str(workdir)), held_out())
   return {line["lang"]: line for line in lines}
 
 
@@ -192,10 +191,10 @@ def test_bf16_export_and_generate(run, tmp_path):
 def test_import_of_the_export_gives_the_same_params_and_evaluation(run, exported, ours, tmp_path):
   cfg, workdir, _ = run
   assert run_tool(convert_from_pytorch, [f"--hf={exported}", f"--out={tmp_path}", "--overwrite"]) == 0
-  step, imported_cfg = checkpoint_lib.saved_config(tmp_path / "checkpoints")
+  step, imported_cfg = saved_run.saved_config(tmp_path / "checkpoints")
   assert step == 0 and imported_cfg.model == cfg.model and imported_cfg.data.seq_len == cfg.data.seq_len
-  a = checkpoint_lib.restore_params(workdir / "checkpoints", 2, cfg)
-  b = checkpoint_lib.restore_params(tmp_path / "checkpoints", 0, cfg)
+  a = saved_run.restore_params(workdir / "checkpoints", 2, cfg)
+  b = saved_run.restore_params(tmp_path / "checkpoints", 0, cfg)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
   again = our_evaluation(tmp_path)
   for lang in ("en", "ar"):

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import unicodedata
-from pathlib import Path
 from unittest import mock
 
 import jax
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ar_lm_jax import cli, hf, hf_io
+from ar_lm_jax import cli, hf, hf_io, saved_run
 from ar_lm_jax import evaluate as ev
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import REPO_ROOT, SAMPLE_DIR, Config, DataConfig, MeshConfig, ModelConfig, SourceConfig, TrainConfig
@@ -160,13 +159,6 @@ def test_sharded_over_8_devices_with_tensor_parallelism_gives_the_same_numbers(w
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
-def test_for_devices_keeps_tensor_parallelism_where_it_divides():
-  cfg = ev.for_devices(RUN, 8, batch_rows=5)
-  assert (cfg.mesh.data, cfg.mesh.model, cfg.data.batch_size) == (4, 2, 8)
-  cfg = ev.for_devices(RUN, 1)
-  assert (cfg.mesh.data, cfg.mesh.model, cfg.data.batch_size) == (1, 1, 4)
-
-
 def test_first_fit_decreasing_packing():
   docs = [np.arange(n, dtype=np.int32) + 10 * n for n in (6, 5, 1, 4, 3)]
   rows = ev.pack_documents(docs, seq_len=10)
@@ -180,10 +172,9 @@ def test_in_training_evaluator_scores_the_first_documents_like_the_command(workd
   n = 3
   sources = tuple(SourceConfig(path=str(SAMPLE_DIR / f"{lang}_valid.jsonl"), lang=lang) for lang in ("en", "ar"))
   run = RUN.replace(data=dataclasses.replace(RUN.data, eval_sources=sources), train=TrainConfig(steps=1, eval_max_docs=n))
-  cfg = ev.for_devices(run, jax.device_count())
+  cfg = saved_run.for_devices(run, jax.device_count())
   setup = step_lib.build(cfg)
-  from ar_lm_jax.checkpoint import restore_params
-  params = restore_params(workdir / "checkpoints", 0, cfg, setup.state_shardings["params"])
+  params = saved_run.restore_params(workdir / "checkpoints", 0, cfg, setup.state_shardings["params"])
   evaluator = ev.TrainEvaluator(setup)
   got = evaluator(params)
   assert got == evaluator(params)  # the second call reuses everything, bit for bit
@@ -192,18 +183,6 @@ def test_in_training_evaluator_scores_the_first_documents_like_the_command(workd
     want = summarize(first, "all")
     assert got[f"eval/{lang}/loss"] == pytest.approx(want["loss"], rel=1e-4)
     assert got[f"eval/{lang}/bpb"] == pytest.approx(want["bits_per_byte"], rel=1e-4)
-
-
-def test_default_workdir_is_the_env_var_else_the_newest_run_with_checkpoints(tmp_path, monkeypatch):
-  monkeypatch.delenv("AR_LM_JAX_WORKDIR", raising=False)
-  with pytest.raises(ev.EvalError, match="experiments.train"):
-    ev.default_workdir(tmp_path)
-  for i, name in enumerate(["tiny-b", "tiny-a", "no-checkpoints"]):
-    (tmp_path / name / ("checkpoints" if name != "no-checkpoints" else "logs")).mkdir(parents=True)
-    os.utime(tmp_path / name, (1000 + i, 1000 + i))
-  assert ev.default_workdir(tmp_path) == tmp_path / "tiny-a"
-  monkeypatch.setenv("AR_LM_JAX_WORKDIR", "/somewhere/else")
-  assert ev.default_workdir(tmp_path) == Path("/somewhere/else")
 
 
 def test_fertility_counts_words_bytes_and_tokens():

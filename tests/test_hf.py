@@ -23,8 +23,7 @@ import pytest
 from hf_testing import one_torch_thread  # noqa: F401 (autouse fixture)
 import torch
 
-from ar_lm_jax import checkpoint as checkpoint_lib
-from ar_lm_jax import cli, hf, hf_io
+from ar_lm_jax import cli, hf, hf_io, saved_run
 from ar_lm_jax.checkpoint import Checkpointer
 from ar_lm_jax.config import Config, DataConfig, ModelConfig
 from ar_lm_jax.model import StableLM, abstract_params
@@ -258,23 +257,6 @@ def test_exported_model_generates_our_greedy_continuation(bilingual, tmp_path):
   assert out == seq
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_init_from_our_checkpoint_in_either_layout(tmp_path, scan_layers):
-  """`checkpoint.init_from` also takes one of our checkpoints: its params only, re-laid-out if the run unrolls."""
-  params = random_params(SMALL, 0)
-  ckpt = Checkpointer(tmp_path / "run" / "checkpoints", Config(model=SMALL, data=dataclasses.replace(DataConfig(), seq_len=64)))
-  ckpt.save(3, {"step": np.int32(3), "params": params, "opt_state": {"mu": params}}, force=True)
-  ckpt.wait()
-  ckpt.close()
-  target = dataclasses.replace(SMALL, scan_layers=scan_layers)
-  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shardings = jax.tree.map(lambda _: one_device, nn.meta.unbox(abstract_params(target)))
-  got = hf_io.init_params(tmp_path / "run", target, shardings)
-  want = hf.hf_to_params(dict(hf.params_to_hf(params, SMALL, True)).__getitem__, target, scan_layers)
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, want)
-
-
 # ---------------------------------------------------------------------------
 # Bad input: one clear line, exit code 2.
 
@@ -286,21 +268,6 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(small_hf, tmp_path, cap
   assert err.strip() == ("error: model.embed_tokens.weight: checkpoint shape (512, 64) does not match "
                          "the config's (100352, 64)")
   assert not (tmp_path / "o").exists()  # nothing written
-
-
-def test_saved_checkpoint_shape_mismatch_names_the_leaf(tmp_path):
-  cfg = Config(model=SMALL, data=dataclasses.replace(DataConfig(), seq_len=64))
-  ckpt = Checkpointer(tmp_path, cfg)
-  ckpt.save(5, {"step": np.int32(5), "params": random_params(SMALL, 0)}, force=True)
-  ckpt.wait()
-  ckpt.close()
-  other = dataclasses.replace(SMALL, intermediate_size=80)
-  with pytest.raises(hf.MappingError) as e:
-    hf_io.check_saved_shapes(tmp_path, 5, other)
-  assert str(e.value) == "params/layers/mlp/down_proj/kernel: checkpoint shape (2, 96, 64) does not match the config's (2, 80, 64)"
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with pytest.raises(hf.MappingError, match="model.intermediate_size: the config has 80 but the checkpoint"):
-    hf_io.init_params(tmp_path, other, jax.tree.map(lambda _: sharding, random_params(other, 0)))
 
 
 def test_other_model_type_is_refused(tmp_path, capsys):
@@ -322,7 +289,7 @@ def test_non_empty_out_dir_needs_overwrite(small_hf, tmp_path, capsys):
   assert code == 0
   assert (out / "notes.txt").read_text() == "keep me"  # --overwrite replaces our outputs only
   assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 512
-  step, cfg = checkpoint_lib.saved_config(out / "checkpoints")
+  step, cfg = saved_run.saved_config(out / "checkpoints")
   assert step == 0 and cfg.model == SMALL and cfg.data.seq_len == SMALL.max_position_embeddings
 
 

@@ -34,12 +34,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from ar_lm_jax import startup
   startup.start(multiprocess=False)  # the GPU flags, before jax starts a backend
   from ar_lm_jax import hf_io
-  from ar_lm_jax.tokenizer import TokenizerError
-  try:
-    summary = hf_io.export_checkpoint(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
-                                      overwrite=args.overwrite)
-  except TokenizerError as e:
-    raise cli.UsageError(str(e)) from None
+  summary = hf_io.export_checkpoint(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
+                                    overwrite=args.overwrite)
   print(f"wrote step {summary['step']} ({summary['num_params']:,} parameters, {summary['dtype']}) "
         f"in {summary['shards']} shard(s) with the tokenizer to {summary['out']}")
   print(json.dumps(summary))

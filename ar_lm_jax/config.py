@@ -1,7 +1,7 @@
 """Typed, frozen run configuration: every key is declared once, here.
 
-A run is described by a `Config` built by a named file in `experiments/configs/`
-(or a JSON file saved by an earlier run) and then overridden from the command
+A run is described by a `Config` built by a named config, a module of `ar_lm_jax.configs`
+(or a .py file of your own, or a JSON file saved by an earlier run) and then overridden from the command
 line with `--config.section.key=VALUE`. Values are parsed as JSON where they
 parse, else taken as strings, and checked against the field's type, so a typo
 or a wrong type fails at start-up with a message that names the key.
@@ -12,15 +12,21 @@ This module imports nothing from the rest of the library.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.resources
 import importlib.util
 import json
+import pkgutil
 import types
 import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = REPO_ROOT / "data" / "sample"
+# The bundled English/Arabic sample is package data, so it is found wherever the package is installed
+# (the package is installed as files, never zipped: pyproject.toml, so the Traversable is a real directory).
+SAMPLE_DIR = Path(str(importlib.resources.files("ar_lm_jax") / "sample_data"))
+# Named configs are the modules of this package (`--config=tiny` imports ar_lm_jax.configs.tiny).
+NAMED_CONFIGS = "ar_lm_jax.configs"
 
 
 class ConfigError(ValueError):
@@ -422,22 +428,35 @@ def apply_overrides(cfg: Config, overrides: dict[str, str]) -> Config:
   return dataclasses.replace(cfg)
 
 
-def load_config(name_or_path: str, configs_dir: Path) -> Config:
-  """A named config (`configs_dir/NAME.py` with `get_config()`), a .py path, or a JSON dump of a Config."""
+def named_configs() -> list[str]:
+  """The names `load_config` accepts besides paths: the public modules of `NAMED_CONFIGS`."""
+  package = importlib.import_module(NAMED_CONFIGS)
+  return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def load_config(name_or_path: str) -> Config:
+  """A named config (the module `ar_lm_jax.configs.NAME`, with `get_config()`), a .py path, or a JSON dump of a Config."""
   path = Path(name_or_path)
-  if path.suffix not in (".py", ".json"):
-    path = configs_dir / (name_or_path.replace("-", "_") + ".py")
-  if not path.exists():
-    known = sorted(p.stem for p in configs_dir.glob("*.py") if not p.stem.startswith("_"))
-    raise ConfigError(f"config: no config named {name_or_path!r} (known: {', '.join(known)})")
   if path.suffix == ".json":
+    if not path.exists():
+      raise ConfigError(f"config: {path} does not exist")
     try:
       return from_dict(Config, json.loads(path.read_text()))
     except json.JSONDecodeError as e:
       raise ConfigError(f"config: {path} is not valid JSON: {e}") from None
-  spec = importlib.util.spec_from_file_location(f"_arlm_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  if path.suffix == ".py":
+    if not path.exists():
+      raise ConfigError(f"config: {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_arlm_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  else:
+    name = name_or_path.replace("-", "_")
+    known = named_configs()
+    if name not in known:
+      raise ConfigError(f"config: no config named {name_or_path!r} (known: {', '.join(known)})")
+    module = importlib.import_module(f"{NAMED_CONFIGS}.{name}")
+    path = Path(module.__file__)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config: {path} defines no get_config()")
   cfg = module.get_config()

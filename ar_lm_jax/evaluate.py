@@ -48,7 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ar_lm_jax import checkpoint as checkpoint_lib
 from ar_lm_jax import chat, data_sources, sharding
 from ar_lm_jax import step as step_lib
-from ar_lm_jax.config import REPO_ROOT, Config, ConfigError, SourceConfig
+from ar_lm_jax.config import Config, ConfigError, SourceConfig
 from ar_lm_jax.tokenizer import Arcade100k, load_tokenizer
 
 ROW_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
@@ -366,7 +366,7 @@ class TrainEvaluator:
 # From a saved run (the command-line tools and the notebook).
 
 
-def default_workdir(runs_dir: Path = REPO_ROOT / "runs", env: str = "AR_LM_JAX_WORKDIR") -> Path:
+def default_workdir(runs_dir: Path = Path("runs"), env: str = "AR_LM_JAX_WORKDIR") -> Path:
   """$AR_LM_JAX_WORKDIR, else the newest run in runs/ that has checkpoints (where `experiments.train` writes)."""
   if os.environ.get(env):
     return Path(os.environ[env])

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
 
 import flax.linen as nn
 import jax

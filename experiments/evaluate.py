@@ -10,7 +10,6 @@ ar_lm_jax/evaluate.py. Exit codes: 0 ok, 2 bad input (one line on stderr).
 """
 
 import json
-import sys
 
 from ar_lm_jax import cli
 

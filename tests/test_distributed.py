@@ -15,8 +15,7 @@ import pytest
 from jax._src import clusters
 
 from ar_lm_jax import distributed
-from ar_lm_jax.cli import CONFIGS_DIR
-from ar_lm_jax.config import ConfigError, MeshConfig, load_config
+from ar_lm_jax.config import Config, ConfigError, load_config
 
 SRUN_2_TASKS = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[001-002]", "SLURM_NTASKS": "2",
                 "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
@@ -133,7 +132,7 @@ class FakeDevice:
 
 
 def recipe(data: int) -> "Config":
-  cfg = load_config("ar_stablelm_2_1_6b", CONFIGS_DIR)
+  cfg = load_config("ar_stablelm_2_1_6b")
   return cfg.replace(mesh=dataclasses.replace(cfg.mesh, data=data, model=1))
 
 

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from ar_lm_jax import collectives, perf
-from ar_lm_jax import step as step_lib
-from ar_lm_jax.config import REMAT_POLICIES, REPO_ROOT, ModelConfig, load_config
+from ar_lm_jax.config import REMAT_POLICIES, ModelConfig, load_config
 from ar_lm_jax.model import StableLM, abstract_params, param_count
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 
 SMALL = ModelConfig(vocab_size=512, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64,
                     max_position_embeddings=64, dtype="float32")
@@ -108,7 +109,7 @@ def test_full_remat_lowers_step_memory():
 
 
 def test_flops_per_token_counts_every_matmul_parameter_and_causal_attention():
-  cfg = load_config("ar_stablelm_2_1_6b", REPO_ROOT / "experiments" / "configs").model
+  cfg = load_config("ar_stablelm_2_1_6b").model
   params = nn.meta.unbox(abstract_params(cfg))
   matrices = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
                  if jax.tree_util.keystr(path).endswith("['kernel']"))  # q/k/v/o, MLP, LM head; not the embedding
@@ -173,7 +174,7 @@ def test_benchmark_cli_prints_a_json_last_line_with_torch_comparison():
   tokens = 8 * 64
   assert r["tokens_per_sec"] == pytest.approx(tokens / r["step_time_s"])
   assert r["model_flops_per_token"] == perf.model_flops_per_token(
-      dataclasses.replace(load_config("tiny", REPO_ROOT / "experiments" / "configs").model, vocab_size=512), 64)
+      dataclasses.replace(load_config("tiny").model, vocab_size=512), 64)
   assert r["peak_flops"] > 1e9 and 0 < r["mfu"] < 1
   assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * r["model_flops_per_token"] / r["peak_flops"])
   assert r["compile_s"] > 0 and np.isfinite(r["loss"])

@@ -155,7 +155,7 @@ def load_hf_params(hf_dir: str | os.PathLike, model_cfg: ModelConfig, shardings:
   for leaf in hf.leaves(model_cfg, model_cfg.scan_layers):
     x = hf.leaf_from_hf(leaf, weights.get, _np_dtype(model_cfg.param_dtype))
     if shardings is not None:
-      x = _place(x, shardings if isinstance(shardings, jax.sharding.Sharding) else _get(shardings, leaf.path))
+      x = _place(x, shardings if isinstance(shardings, jax.sharding.Sharding) else hf.get_path(shardings, leaf.path))
     hf.set_path(params, leaf.path, x)
   weights.close()
   return params
@@ -165,12 +165,6 @@ def load_hf_model(hf_dir: str | os.PathLike, base: Optional[ModelConfig] = None)
   """(our ModelConfig, numpy params) for an HF StableLm directory; other fields of the config from `base`."""
   model_cfg = hf.model_config_from_hf(read_hf_config(hf_dir), base)
   return model_cfg, load_hf_params(hf_dir, model_cfg)
-
-
-def _get(tree: Mapping, path: tuple) -> Any:
-  for p in path:
-    tree = tree[p]
-  return tree
 
 
 def _place(x: np.ndarray, sharding) -> Any:
@@ -240,7 +234,7 @@ def save_hf_model(params: Mapping | Callable[[tuple], np.ndarray], model_cfg: Mo
   if dtype not in EXPORT_DTYPES:
     raise ConversionError(f"dtype: must be one of {EXPORT_DTYPES}, got {dtype!r}")
   scan = model_cfg.scan_layers if scan_layers is None else scan_layers
-  get_leaf = params if callable(params) else (lambda path: _get(params, path))
+  get_leaf = params if callable(params) else (lambda path: hf.get_path(params, path))
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   _write_json(out / "config.json", hf.hf_config_dict(model_cfg, dtype))
@@ -365,7 +359,7 @@ class CheckpointParams:
       params = ckpt_lib.restore_params(self._ckpt_dir, self._step, self._cfg, only=paths)
     except ckpt_lib.CheckpointError as e:
       raise ConversionError(str(e)) from None
-    return {path: _get(params, path) for path in paths}
+    return {path: hf.get_path(params, path) for path in paths}
 
 
 def _saved_config(ckpt_dir: Path, step: Optional[int]) -> tuple[int, Config]:
@@ -474,5 +468,5 @@ def init_params(source: str | os.PathLike, model_cfg: ModelConfig, shardings: An
   params: dict = {}
   for leaf in hf.leaves(model_cfg, model_cfg.scan_layers):
     x = hf.leaf_from_hf(leaf, tensors.pop, _np_dtype(model_cfg.param_dtype))
-    hf.set_path(params, leaf.path, _place(x, _get(shardings, leaf.path)))
+    hf.set_path(params, leaf.path, _place(x, hf.get_path(shardings, leaf.path)))
   return params

@@ -55,8 +55,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of activations and matmuls: float32 or bfloat16 (params stay float32)
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = True  # stack the blocks and run them with nn.scan (fast compile) instead of unrolled
-  remat: str = "none"  # rematerialization policy by name: none, full, dots_saveable, dots_with_no_batch_dims_saveable, save_attn_mlp_out
-  attention: str = "xla"  # attention kernel, one of ATTENTION_IMPLS: auto (the best for the platform, attention.resolve_attention), xla (reference), cudnn, pallas, splash
+  remat: str = "none"  # rematerialization policy, a name in REMAT_POLICIES: none, full (save nothing), or what is saved
+  attention: str = "xla"  # attention kernel, one of ATTENTION_IMPLS: auto (the best for the platform), xla (the reference), or a flash kernel
   max_segments_per_row: int = 64  # cudnn: documents per row cuDNN takes (the static M of its [B, M] lengths); a row with more uses pallas
   splash_block_q: int = 512  # splash (TPU): query rows per tile, forward and dq (shrunk to seq_len when longer)
   splash_block_kv: int = 512  # splash: key rows per tile, forward and dq
@@ -67,7 +67,7 @@ class ModelConfig:
     _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
     _check(self.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
     _check(self.param_dtype in ("float32", "bfloat16"), "model.param_dtype", f"must be float32 or bfloat16, got {self.param_dtype!r}")
-    _check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    _check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
     _check(self.attention in ATTENTION_IMPLS, "model.attention", f"must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
     _check(self.attention != "cudnn" or self.dtype == "bfloat16", "model.attention",
            "cudnn's flash kernel takes bf16 only: set model.dtype=bfloat16, or use auto (pallas for float32)")
@@ -89,9 +89,20 @@ class ModelConfig:
     return int(self.head_dim * self.partial_rotary_factor)
 
 
-# The attention kernels, in one place: config validation reads it, attention.attend dispatches on it.
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "splash")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "save_attn_mlp_out")
+# The attention kernels, in one place, each with the platform it compiles for natively (None: every platform):
+# config validation reads the names, attention.attend dispatches on them, the dry run checks the platform.
+ATTENTION_KERNELS = {"xla": None, "cudnn": "gpu", "pallas": "gpu", "splash": "tpu"}
+ATTENTION_IMPLS = ("auto", *ATTENTION_KERNELS)  # auto: the best kernel for the platform (attention.resolve_attention)
+# The remat policies, in one place: name -> a jax.checkpoint_policies policy (a str), or the checkpoint_name tags
+# whose values are saved (a tuple: save_only_these_names), or None (no remat). model.remat_policy builds them;
+# here as plain data, so that config validation needs no jax.
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",
+    "dots_saveable": "dots_saveable",
+    "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
+    "save_attn_mlp_out": ("attn_out", "mlp_out"),
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,33 @@ def test_json_round_trip(tmp_path):
 def test_unknown_config_name_lists_known():
   with pytest.raises(ConfigError, match="tiny"):
     load_config("no-such-config")
+
+
+def test_named_configs_and_the_sample_are_package_data(tmp_path, monkeypatch):
+  """Every named config loads by name from any directory, and the sample it reads lies inside the package."""
+  import ar_lm_jax
+  from ar_lm_jax.config import SAMPLE_DIR, named_configs
+  package = Path(ar_lm_jax.__file__).parent
+  assert SAMPLE_DIR.parent == package and sorted(p.name for p in SAMPLE_DIR.glob("*.jsonl"))
+  monkeypatch.chdir(tmp_path)  # nothing resolves against the working directory
+  names = named_configs()
+  assert {"tiny", "sft_tiny", "ar_stablelm_2_1_6b"} <= set(names)
+  for name in names:
+    cfg = load_config(name)
+    for src in cfg.data.sources + cfg.data.eval_sources:
+      assert Path(src.path).is_file() and Path(src.path).parent == SAMPLE_DIR, (name, src.path)
+  assert load_config("sft-tiny").name == "sft_tiny"  # a dash names the module with an underscore
+
+
+def test_config_paths_are_explicit(tmp_path):
+  """A .py of one's own and a saved config.json load from their paths; a missing path says so."""
+  own = tmp_path / "mine.py"
+  own.write_text("from ar_lm_jax.config import load_config\n\n"
+                 "def get_config():\n  return load_config('tiny').replace(name='mine')\n")
+  assert load_config(str(own)).name == "mine"
+  for missing in ("nope.py", "nope.json"):
+    with pytest.raises(ConfigError, match="does not exist"):
+      load_config(str(tmp_path / missing))
 
 
 def test_every_field_is_commented():

@@ -25,10 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ar_lm_jax.config import ATTENTION_IMPLS, ModelConfig
+from ar_lm_jax.config import ATTENTION_IMPLS, ATTENTION_KERNELS, ModelConfig
 
-# The platform each kernel compiles for natively (xla runs everywhere).
-KERNEL_PLATFORM = {"cudnn": "gpu", "pallas": "gpu", "splash": "tpu"}
+# The platform each kernel compiles for natively (xla, absent here, runs everywhere).
+KERNEL_PLATFORM = {impl: platform for impl, platform in ATTENTION_KERNELS.items() if platform is not None}
 
 
 def segment_causal_mask(segment_ids_BT: jax.Array) -> jax.Array:

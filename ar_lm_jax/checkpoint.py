@@ -43,6 +43,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from ar_lm_jax import config as config_lib
+from ar_lm_jax.distributed import say as _say
 
 ITEMS = ("state", "data", "config", "fingerprint")
 UNFINISHED_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a save in progress (orbax/_src/path/atomicity_types.py)
@@ -58,11 +59,6 @@ class CheckpointError(config_lib.ConfigError):
 
 class _Unusable(Exception):
   """A checkpoint that cannot be read back intact (the message says why)."""
-
-
-def _say(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)
 
 
 def _warn(msg: str) -> None:

@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from ar_lm_jax.config import REPO_ROOT, Config, ConfigError, apply_overrides, load_config, parse_value
+from ar_lm_jax.config import Config, ConfigError, apply_overrides, load_config, parse_value
 from ar_lm_jax.errors import UserError
 
-CONFIGS_DIR = REPO_ROOT / "experiments" / "configs"
 EXIT_BAD_INPUT = 2
 
 
@@ -35,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 def make_parser(description: str, with_config: bool = True, default_config: str = "tiny") -> argparse.ArgumentParser:
   p = _Parser(description=description, allow_abbrev=False)
   if with_config:
-    p.add_argument("--config", default=default_config, help="a named config in experiments/configs, a .py path or a saved config.json")
+    p.add_argument("--config", default=default_config, help="a named config (a module of ar_lm_jax/configs), a .py path or a saved config.json")
   return p
 
 
@@ -64,7 +63,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
     if overrides:
       raise UsageError("this command takes no --config overrides")
     return None, args
-  cfg = load_config(args.config, CONFIGS_DIR)
+  cfg = load_config(args.config)
   return apply_overrides(cfg, overrides), args
 
 

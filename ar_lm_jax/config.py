@@ -1,7 +1,7 @@
 """Typed, frozen run configuration: every key is declared once, here.
 
-A run is described by a `Config` built by a named file in `experiments/configs/`
-(or a JSON file saved by an earlier run) and then overridden from the command
+A run is described by a `Config` built by a named config, a module of `ar_lm_jax.configs`
+(or a .py file of your own, or a JSON file saved by an earlier run) and then overridden from the command
 line with `--config.section.key=VALUE`. Values are parsed as JSON where they
 parse, else taken as strings, and checked against the field's type, so a typo
 or a wrong type fails at start-up with a message that names the key.
@@ -12,8 +12,11 @@ This module imports nothing from the rest of the library but its error type (`er
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.resources
 import importlib.util
 import json
+import pkgutil
 import types
 import typing
 from pathlib import Path
@@ -21,8 +24,11 @@ from typing import Any, Optional, Union
 
 from ar_lm_jax.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = REPO_ROOT / "data" / "sample"
+# The bundled English/Arabic sample is package data, so it is found wherever the package is installed
+# (the package is installed as files, never zipped: pyproject.toml, so the Traversable is a real directory).
+SAMPLE_DIR = Path(str(importlib.resources.files("ar_lm_jax") / "sample_data"))
+# Named configs are the modules of this package (`--config=tiny` imports ar_lm_jax.configs.tiny).
+NAMED_CONFIGS = "ar_lm_jax.configs"
 
 
 class ConfigError(UserError):
@@ -51,8 +57,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of activations and matmuls: float32 or bfloat16 (params stay float32)
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = True  # stack the blocks and run them with nn.scan (fast compile) instead of unrolled
-  remat: str = "none"  # rematerialization policy by name: none, full, dots_saveable, dots_with_no_batch_dims_saveable, save_attn_mlp_out
-  attention: str = "xla"  # attention kernel, one of ATTENTION_IMPLS: auto (the best for the platform, attention.resolve_attention), xla (reference), cudnn, pallas, splash
+  remat: str = "none"  # rematerialization policy, a name in REMAT_POLICIES: none, full (save nothing), or what is saved
+  attention: str = "xla"  # attention kernel, one of ATTENTION_IMPLS: auto (the best for the platform), xla (the reference), or a flash kernel
   max_segments_per_row: int = 64  # cudnn: documents per row cuDNN takes (the static M of its [B, M] lengths); a row with more uses pallas
   splash_block_q: int = 512  # splash (TPU): query rows per tile, forward and dq (shrunk to seq_len when longer)
   splash_block_kv: int = 512  # splash: key rows per tile, forward and dq
@@ -63,7 +69,7 @@ class ModelConfig:
     _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
     _check(self.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
     _check(self.param_dtype in ("float32", "bfloat16"), "model.param_dtype", f"must be float32 or bfloat16, got {self.param_dtype!r}")
-    _check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    _check(self.remat in REMAT_POLICIES, "model.remat", f"must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
     _check(self.attention in ATTENTION_IMPLS, "model.attention", f"must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
     _check(self.attention != "cudnn" or self.dtype == "bfloat16", "model.attention",
            "cudnn's flash kernel takes bf16 only: set model.dtype=bfloat16, or use auto (pallas for float32)")
@@ -85,9 +91,20 @@ class ModelConfig:
     return int(self.head_dim * self.partial_rotary_factor)
 
 
-# The attention kernels, in one place: config validation reads it, attention.attend dispatches on it.
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "splash")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "save_attn_mlp_out")
+# The attention kernels, in one place, each with the platform it compiles for natively (None: every platform):
+# config validation reads the names, attention.attend dispatches on them, the dry run checks the platform.
+ATTENTION_KERNELS = {"xla": None, "cudnn": "gpu", "pallas": "gpu", "splash": "tpu"}
+ATTENTION_IMPLS = ("auto", *ATTENTION_KERNELS)  # auto: the best kernel for the platform (attention.resolve_attention)
+# The remat policies, in one place: name -> a jax.checkpoint_policies policy (a str), or the checkpoint_name tags
+# whose values are saved (a tuple: save_only_these_names), or None (no remat). model.remat_policy builds them;
+# here as plain data, so that config validation needs no jax.
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",
+    "dots_saveable": "dots_saveable",
+    "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
+    "save_attn_mlp_out": ("attn_out", "mlp_out"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,22 +444,35 @@ def apply_overrides(cfg: Config, overrides: dict[str, str]) -> Config:
   return dataclasses.replace(cfg)
 
 
-def load_config(name_or_path: str, configs_dir: Path) -> Config:
-  """A named config (`configs_dir/NAME.py` with `get_config()`), a .py path, or a JSON dump of a Config."""
+def named_configs() -> list[str]:
+  """The names `load_config` accepts besides paths: the public modules of `NAMED_CONFIGS`."""
+  package = importlib.import_module(NAMED_CONFIGS)
+  return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def load_config(name_or_path: str) -> Config:
+  """A named config (the module `ar_lm_jax.configs.NAME`, with `get_config()`), a .py path, or a JSON dump of a Config."""
   path = Path(name_or_path)
-  if path.suffix not in (".py", ".json"):
-    path = configs_dir / (name_or_path.replace("-", "_") + ".py")
-  if not path.exists():
-    known = sorted(p.stem for p in configs_dir.glob("*.py") if not p.stem.startswith("_"))
-    raise ConfigError(f"config: no config named {name_or_path!r} (known: {', '.join(known)})")
   if path.suffix == ".json":
+    if not path.exists():
+      raise ConfigError(f"config: {path} does not exist")
     try:
       return from_dict(Config, json.loads(path.read_text()))
     except json.JSONDecodeError as e:
       raise ConfigError(f"config: {path} is not valid JSON: {e}") from None
-  spec = importlib.util.spec_from_file_location(f"_arlm_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  if path.suffix == ".py":
+    if not path.exists():
+      raise ConfigError(f"config: {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_arlm_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  else:
+    name = name_or_path.replace("-", "_")
+    known = named_configs()
+    if name not in known:
+      raise ConfigError(f"config: no config named {name_or_path!r} (known: {', '.join(known)})")
+    module = importlib.import_module(f"{NAMED_CONFIGS}.{name}")
+    path = Path(module.__file__)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config: {path} defines no get_config()")
   cfg = module.get_config()

@@ -251,3 +251,13 @@ def exit_after_error(e: BaseException, code: int, line: Optional[str] = None) ->
 def finish() -> None:
   if _WATCH is not None:
     _WATCH.finish()
+
+
+# ---------------------------------------------------------------------------
+# Output: one process speaks for the run.
+
+
+def say(msg: str) -> None:
+  """Prints `msg` on process 0 only: every process runs the same code, and N copies of a line say no more."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)

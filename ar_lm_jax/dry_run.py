@@ -29,14 +29,10 @@ from ar_lm_jax import attention as attention_lib
 from ar_lm_jax import aot, sharding, tpu_topology
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import Config
+from ar_lm_jax.distributed import say as _say
 from ar_lm_jax.model import param_count
 
 GB = 1e9
-
-
-def _say(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)
 
 
 def _gb(n: float) -> str:

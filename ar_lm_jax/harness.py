@@ -358,26 +358,19 @@ class ArLmJax(TemplateLM):
     self.engine, self.params = engine, params
     self.pretrained, self.checkpoint_step = pretrained, checkpoint_step
     self.tok = load_tokenizer(tokenizer_path)
-    self._max_length = _int_arg(max_length, "max_length", engine.model_cfg.max_position_embeddings)
-    if not 1 < self._max_length <= engine.model_cfg.max_position_embeddings:
-      raise HarnessError(f"max_length={self._max_length} must be in [2, model.max_position_embeddings="
+    # Plain attributes: lm-eval's LM declares neither, it only reads them (as HF's backend offers them).
+    self.max_length = _int_arg(max_length, "max_length", engine.model_cfg.max_position_embeddings)
+    if not 1 < self.max_length <= engine.model_cfg.max_position_embeddings:
+      raise HarnessError(f"max_length={self.max_length} must be in [2, model.max_position_embeddings="
                          f"{engine.model_cfg.max_position_embeddings}]")
-    self._max_gen_toks = _int_arg(max_gen_toks, "max_gen_toks", DEFAULT_MAX_GEN_TOKS)
+    self.max_gen_toks = _int_arg(max_gen_toks, "max_gen_toks", DEFAULT_MAX_GEN_TOKS)
     self.seed = _int_arg(seed, "seed", 1234)
-    self._buckets = buckets(self._max_length)
+    self._buckets = buckets(self.max_length)
 
   # TemplateLM's tokenization hooks.
   @property
   def eot_token_id(self) -> int:
     return self.tok.eos_id
-
-  @property
-  def max_length(self) -> int:
-    return self._max_length
-
-  @property
-  def max_gen_toks(self) -> int:
-    return self._max_gen_toks
 
   @property
   def tokenizer_name(self) -> str:

@@ -146,7 +146,8 @@ def leaf_to_hf(leaf: Leaf, x: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
     yield name, y
 
 
-def _get(tree: Mapping, path: tuple) -> Any:
+def get_path(tree: Mapping, path: tuple) -> Any:
+  """The leaf of a nested dict at `path` (a leaf's path in `leaves`); `set_path` writes one."""
   for p in path:
     tree = tree[p]
   return tree
@@ -161,7 +162,7 @@ def set_path(tree: dict, path: tuple, value: Any) -> None:
 def params_to_hf(params: Mapping, cfg: ModelConfig, scan_layers: bool) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (HF name, numpy array) one tensor at a time, so a caller can stream them to disk."""
   for leaf in leaves(cfg, scan_layers):
-    yield from leaf_to_hf(leaf, np.asarray(_get(params, leaf.path)))
+    yield from leaf_to_hf(leaf, np.asarray(get_path(params, leaf.path)))
 
 
 def hf_to_params(get_tensor: Callable[[str], np.ndarray], cfg: ModelConfig, scan_layers: bool,
@@ -176,7 +177,7 @@ def hf_to_params(get_tensor: Callable[[str], np.ndarray], cfg: ModelConfig, scan
   for leaf in leaves(cfg, scan_layers):
     x = leaf_from_hf(leaf, get_tensor, np.dtype(cfg.param_dtype))
     if expected_shapes is not None:
-      want = tuple(getattr(_get(expected_shapes, leaf.path), "shape", _get(expected_shapes, leaf.path)))
+      want = tuple(getattr(get_path(expected_shapes, leaf.path), "shape", get_path(expected_shapes, leaf.path)))
       if x.shape != want:
         raise MappingError(f"{'/'.join(leaf.path)}: mapped shape {x.shape} does not match the model's {want}")
     set_path(params, leaf.path, x)

@@ -156,7 +156,7 @@ def load_hf_params(hf_dir: str | os.PathLike, model_cfg: ModelConfig, shardings:
   for leaf in hf.leaves(model_cfg, model_cfg.scan_layers):
     x = hf.leaf_from_hf(leaf, weights.get, _np_dtype(model_cfg.param_dtype))
     if shardings is not None:
-      x = _place(x, shardings if isinstance(shardings, jax.sharding.Sharding) else _get(shardings, leaf.path))
+      x = _place(x, shardings if isinstance(shardings, jax.sharding.Sharding) else hf.get_path(shardings, leaf.path))
     hf.set_path(params, leaf.path, x)
   weights.close()
   return params
@@ -166,12 +166,6 @@ def load_hf_model(hf_dir: str | os.PathLike, base: Optional[ModelConfig] = None)
   """(our ModelConfig, numpy params) for an HF StableLm directory; other fields of the config from `base`."""
   model_cfg = hf.model_config_from_hf(read_hf_config(hf_dir), base)
   return model_cfg, load_hf_params(hf_dir, model_cfg)
-
-
-def _get(tree: Mapping, path: tuple) -> Any:
-  for p in path:
-    tree = tree[p]
-  return tree
 
 
 def _place(x: np.ndarray, sharding) -> Any:
@@ -241,7 +235,7 @@ def save_hf_model(params: Mapping | Callable[[tuple], np.ndarray], model_cfg: Mo
   if dtype not in EXPORT_DTYPES:
     raise ConversionError(f"dtype: must be one of {EXPORT_DTYPES}, got {dtype!r}")
   scan = model_cfg.scan_layers if scan_layers is None else scan_layers
-  get_leaf = params if callable(params) else (lambda path: _get(params, path))
+  get_leaf = params if callable(params) else (lambda path: hf.get_path(params, path))
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   _write_json(out / "config.json", hf.hf_config_dict(model_cfg, dtype))

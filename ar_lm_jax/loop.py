@@ -24,6 +24,7 @@ from ar_lm_jax import aot, flops, sharding
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.checkpoint import Checkpointer
 from ar_lm_jax.config import Config, ConfigError, dumps
+from ar_lm_jax.distributed import say as _say
 from ar_lm_jax.metrics import MetricsWriter
 
 log = logging.getLogger("ar_lm_jax")
@@ -136,11 +137,6 @@ class BadStepGuard:
         f"stopped: {self.streak} consecutive steps ({self.first_bad}-{self._seen}) had a non-finite loss or gradient "
         f"(train.max_bad_steps={self.max_bad_steps}); their updates were skipped and nothing was saved after them; {where}")
 
-
-
-def _say(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)
 
 
 def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from ar_lm_jax.config import ModelConfig
+from ar_lm_jax.config import REMAT_POLICIES, ModelConfig
 from ar_lm_jax import attention as attention_lib
 
 Dtype = jnp.dtype
@@ -188,15 +187,13 @@ class _ScanBlock(Block):
 
 
 def remat_policy(name: str):
-  """Named remat policies; `None` means no rematerialization."""
-  cp = jax.checkpoint_policies
-  return {
-      "none": None,
-      "full": cp.nothing_saveable,
-      "dots_saveable": cp.dots_saveable,
-      "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
-      "save_attn_mlp_out": cp.save_only_these_names("attn_out", "mlp_out"),
-  }[name]
+  """The jax.checkpoint policy `config.REMAT_POLICIES[name]` describes; `None` means no rematerialization."""
+  spec = REMAT_POLICIES[name]
+  if spec is None:
+    return None
+  if isinstance(spec, str):
+    return getattr(jax.checkpoint_policies, spec)
+  return jax.checkpoint_policies.save_only_these_names(*spec)  # tags set by checkpoint_name in the layers
 
 
 class StableLM(nn.Module):

@@ -1,52 +1,13 @@
 """The optimizer of the recipe: a multi-phase learning-rate schedule and masked AdamW.
 
-A schedule is a list of phases (`optim.phases`), each one of
+A schedule is a list of phases (`optim.phases`: linear_warmup, constant, cosine, inverse_sqrt,
+linear_decay), each running from the lr the previous one ended at to its own end_lr, so phases
+always join. The lr is a pure function of the step: nothing of it lives in the checkpoint, and a run
+may edit its phases and resume (`with_cooldown`). AdamW decays matrices only (`decay_mask`). The
+presets are the recipes' phase lists, used by `ar_lm_jax/configs`.
 
-  linear_warmup  a -> b on a straight line (b >= a)
-  constant       holds a (its end_lr must equal a)
-  cosine         a -> b along a half cosine:  b + (a - b) * (1 + cos(pi * s / L)) / 2
-  inverse_sqrt   a -> b as a genuine 1/sqrt:  a / sqrt(1 + s / tau),  tau = L / ((a / b)**2 - 1)
-  linear_decay   a -> b on a straight line (b <= a)
-
-where s is the step within the phase, L its length, a the lr it starts at (the
-previous phase's end_lr, or optim.init_lr for the first) and b its own end_lr. So
-consecutive phases always join: no phase can jump. After the last phase the lr
-holds at its end_lr. Update t, counting from 1 as the trainer logs and
-checkpoints steps, applies schedule(t); schedule(0) == init_lr is where the
-curve starts (with a warmup from 0, the first update already has a non-zero lr).
-
-The schedule is a pure function of the step. A run that decides at step 250k to
-start cooling down at 300k edits its phases and resumes: nothing about the
-schedule lives in the checkpoint, and the optimizer state has the same structure
-for every schedule. As long as the lr up to the resume step is unchanged it is
-continuous across the resume; `with_cooldown(cfg, total_steps, start=300_000,
-steps=200_000)` writes such an edit (the current phases cut at `start`, then a
-linear cooldown).
-
-How this relates to gpt-neox `hybrid_cosine_inv_sqrt`. Stable LM 2's public
-config (Stability-AI/StableLM configs/stablelm-2-1_6b.yml) sets lr 1e-3,
-min_lr 1e-4, warmup 0.018, `lr-decay-style: hybrid_cosine_inv_sqrt_2` and
-`cooldown: 0.` over 540k iterations. The code of that decay style is in
-Stability's gpt-neox fork, which we could not read (it is not in the public
-upstream `megatron/learning_rates.py`), so what follows is from our reading of the
-technical report (arXiv 2402.17834), unverified against the code: a linear warmup,
-a cosine decay, then an inverse square-root tail alpha / sqrt(t + beta) whose
-alpha and beta make the pieces join, and a `cooldown` fraction for a final
-linear decay. Ours is the same family: our inverse_sqrt phase a / sqrt(1 + s / tau)
-is alpha / sqrt(t + beta) with alpha = a * sqrt(tau) and beta = tau - t_start.
-The differences: (1) we pin each piece by its two end values and its length (the
-readable thing to put in a config) instead of deriving the tail from the join;
-(2) our half-cosine ends flat, so the join into the inverse-sqrt tail is
-continuous but has a kink (the tail starts with slope -a / (2 tau)); (3) where the
-cosine hands over, and at what lr, is not in the public config (nor is what the
-`_2` variant changes), so `stablelm2_pretrain_phases` takes them as arguments with
-documented defaults. Plot either with `python -m tools.plot_schedule`.
-
-Weight decay is decoupled (AdamW: p -= lr * wd * p, scaled by the schedule like
-torch's AdamW). `decay_mask` decides per leaf by path name: matrices (`kernel`) decay;
-biases, LayerNorm scales and biases never do; the input embedding and the LM head
-decay iff `optim.decay_embeddings` (gpt-neox's parameter grouping exempts only
-biases and norms, so it decays them: hence the default True).
+docs/optim.md has each phase's formula, how ours relates to gpt-neox's `hybrid_cosine_inv_sqrt`,
+and for every figure of the presets whether it is published (and where) or our choice.
 
 This module imports only `ar_lm_jax.config`, jax, numpy and optax.
 """
@@ -200,7 +161,7 @@ def with_cooldown(cfg: OptimConfig, total_steps: int, *, start: int, steps: int,
 
 
 # ---------------------------------------------------------------------------
-# Presets: the recipes as phase lists, used by experiments/configs.
+# Presets: the recipes as phase lists, used by ar_lm_jax/configs (their sources: docs/optim.md).
 
 
 def stablelm2_pretrain_phases(peak_lr: float = 1e-3, min_lr: float = 1e-4, *,
@@ -210,14 +171,9 @@ def stablelm2_pretrain_phases(peak_lr: float = 1e-3, min_lr: float = 1e-4, *,
                               cooldown_fraction: float = 0.0) -> tuple[PhaseConfig, ...]:
   """Stable LM 2 1.6B's pre-training schedule, in the shape of gpt-neox `hybrid_cosine_inv_sqrt`.
 
-  Public values (configs/stablelm-2-1_6b.yml): peak 1e-3, min 1e-4, warmup 1.8% of
-  the run, no cooldown. Not public, so our choices: the cosine runs for
-  `cosine_fraction` of the run after the warmup and hands over at `handover_lr`
-  (default sqrt(peak * min), 3.16e-4: the two decays then each cover half of the
-  decade in log space); the inverse-sqrt tail then reaches min_lr at the end of
-  the run, or at the start of an optional linear cooldown to 0 over
-  `cooldown_fraction` of the run (gpt-neox's `cooldown` key). All lengths are
-  fractions of train.steps (540k in the original run).
+  Warmup to `peak_lr`, a cosine to `handover_lr` (default sqrt(peak * min)), an inverse-sqrt tail to
+  `min_lr`, and an optional linear cooldown to 0; all lengths are fractions of train.steps. The
+  public values are the defaults; which are ours: docs/optim.md.
   """
   handover = math.sqrt(peak_lr * min_lr) if handover_lr is None else handover_lr
   tail = 1.0 - warmup_fraction - cosine_fraction - cooldown_fraction
@@ -243,28 +199,10 @@ def ar_stablelm2_phases(peak_lr: float = 5e-4, floor_lr: float = 1e-4, *,
                         min_lr: float = 2.5e-6) -> tuple[PhaseConfig, ...]:
   """The Arabic stage: 300k steps of warmup + cosine + inverse-sqrt, then 200k of linear cooldown to min_lr.
 
-  Published, by source:
-  - ar-stablelm-2-base card: 500k steps, 300k "with a cosine and inverse square-root
-    schedule", then 200k of linear ("early") cooldown.
-  - The paper (arXiv 2412.04277), as quoted by a public literature review (secondary: the
-    PDF itself was not available to us): 10k warmup steps, max lr 5e-4, min lr 2.5e-6.
-    We read the min lr as the end of the cooldown (the lowest lr of the run), not as the
-    floor of the inverse-sqrt decay: a 200k-step "cooldown" to a floor it has already
-    reached would cool nothing.
-
-  Our choices, unpublished:
-  - init_lr 0: the run starts from the released Hugging Face weights, which carry no Adam
-    moments, so the optimizer is re-warmed from scratch (Gupta et al. 2023, "How to
-    (re)warm your model?"; Ibrahim et al. 2024, "Simple and scalable strategies to
-    continually pre-train LLMs").
-  - The hand-over of the two decays: a cosine from the peak to sqrt(peak * floor_lr)
-    (2.24e-4) until step 100k (`warmup_steps + cosine_steps`), then an inverse-sqrt tail
-    to `floor_lr` = 1e-4 (the base model's own min_lr) at step `main_steps`; the cooldown
-    then goes linearly from there to `min_lr` over `cooldown_steps`. The lr never rises
-    after the warmup.
-
-  `ar_stablelm2_guess_phases` is the schedule we used before the paper's figures were
-  known (3e-4 peak, 5k warmup, cooldown to 0).
+  A cosine from the peak to sqrt(peak * floor_lr) until `warmup_steps + cosine_steps`, an
+  inverse-sqrt tail to `floor_lr` at `main_steps`, then linear to `min_lr` over `cooldown_steps`;
+  the lr never rises after the warmup. Which figures the card and the paper publish and which are
+  ours: docs/optim.md. `ar_stablelm2_guess_phases` is our schedule from before the paper's figures.
   """
   if not (0 < floor_lr <= peak_lr) or not 0 <= min_lr <= floor_lr:
     raise ConfigError(f"optim.phases: need 0 <= min_lr <= floor_lr <= peak_lr, floor_lr > 0, got "
@@ -283,11 +221,7 @@ def ar_stablelm2_phases(peak_lr: float = 5e-4, floor_lr: float = 1e-4, *,
 def ar_stablelm2_guess_phases() -> tuple[PhaseConfig, ...]:
   """Our earlier guess at the Arabic stage, before the paper's figures: peak 3e-4, 5k warmup, cooldown to 0.
 
-  The same shape as `ar_stablelm2_phases` (cosine to sqrt(peak * 1e-4) until step 100k,
-  inverse-sqrt to 1e-4 at 300k, linear to 0 at 500k). 3e-4 was about the geometric mean
-  of the base run's peak (1e-3) and floor (1e-4): a re-warmed peak that learns the new
-  distribution while forgetting less of the old one. Kept as a variant to compare with:
-  `--config.optim.phases` takes its phases as JSON (print them with `tools.plot_schedule`).
+  The same shape as `ar_stablelm2_phases`; kept as a variant to compare with (why 3e-4: docs/optim.md).
   """
   return ar_stablelm2_phases(peak_lr=3e-4, warmup_steps=5_000, cosine_steps=95_000, min_lr=0.0)
 

@@ -206,12 +206,6 @@ def restore_params(directory: str | Path, step: int, cfg: config_lib.Config, sha
   return params
 
 
-def _get(tree: Any, path: tuple) -> Any:
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
 class CheckpointParams:
   """A checkpoint's parameters as numpy arrays, read a group of leaves at a time on demand.
 
@@ -247,7 +241,7 @@ class CheckpointParams:
 
   def _restore(self, paths: list[tuple]) -> dict[tuple, np.ndarray]:
     params = restore_params(self._ckpt_dir, self._step, self._cfg, only=paths)
-    return {path: _get(params, path) for path in paths}
+    return {path: hf.get_path(params, path) for path in paths}
 
 
 def init_params(source: str | os.PathLike, model_cfg: config_lib.ModelConfig, shardings: Any) -> Any:
@@ -270,7 +264,7 @@ def init_params(source: str | os.PathLike, model_cfg: config_lib.ModelConfig, sh
   params: dict = {}
   for leaf in hf.leaves(model_cfg, model_cfg.scan_layers):
     x = hf.leaf_from_hf(leaf, tensors.pop, jnp.dtype(model_cfg.param_dtype))
-    hf.set_path(params, leaf.path, jax.make_array_from_callback(x.shape, _get(shardings, leaf.path),
+    hf.set_path(params, leaf.path, jax.make_array_from_callback(x.shape, hf.get_path(shardings, leaf.path),
                                                                 lambda index, x=x: x[index]))
   return params
 

@@ -9,9 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-import time
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax

@@ -24,9 +24,8 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ar_lm_jax.config import REPO_ROOT  # noqa: E402
-
-TASKS_DIR = REPO_ROOT / "tests" / "harness_tasks"
+# The test tasks live in the checkout, beside this script, not in the package.
+TASKS_DIR = Path(__file__).resolve().parents[1] / "tests" / "harness_tasks"
 
 
 class Req:
@@ -73,7 +72,7 @@ def main() -> None:
   workdir = args.workdir
   if workdir is None:
     from ar_lm_jax.config import load_config, override
-    cfg = load_config("tiny", REPO_ROOT / "experiments" / "configs")
+    cfg = load_config("tiny")
     for key, value in (("train.steps", 2), ("train.eval_every", 0), ("train.progress", False), ("checkpoint.async_save", False)):
       cfg = override(cfg, key, value)
     workdir = tmp / "run"

@@ -1,6 +1,5 @@
 """Shared by the tests that compare against transformers: a random StableLm and a one-thread torch."""
 
-import numpy as np
 import pytest
 import torch
 

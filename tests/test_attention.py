@@ -316,14 +316,13 @@ def test_auto_resolves_to_the_flash_kernel_of_each_platform():
 
 
 def test_recipe_and_dry_run_name_a_flash_kernel_for_gpu():
-  from ar_lm_jax.cli import CONFIGS_DIR
   from ar_lm_jax.config import apply_overrides, load_config
   from ar_lm_jax.dry_run import dry_run
-  recipe = load_config("ar_stablelm_2_1_6b", CONFIGS_DIR)
+  recipe = load_config("ar_stablelm_2_1_6b")
   assert recipe.model.attention == "auto"
   assert attention.resolve_attention(recipe.model, "gpu") == "cudnn"
   assert attention.resolve_attention(recipe.model, "tpu") == "splash"
-  tiny = apply_overrides(load_config("tiny", CONFIGS_DIR), {"mesh.data": "1", "model.dtype": "bfloat16"})
+  tiny = apply_overrides(load_config("tiny"), {"mesh.data": "1", "model.dtype": "bfloat16"})
   assert dry_run(tiny, memory_analysis=False)["attention"] == "cudnn"
 
 

@@ -6,14 +6,17 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ar_lm_jax import collectives, flops
-from ar_lm_jax.config import REPO_ROOT, load_config
+from ar_lm_jax.config import load_config
 from benchmarks import profile_step, train_step
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _batch():
@@ -61,7 +64,7 @@ def test_benchmark_cli_prints_a_json_last_line_with_torch_comparison():
   tokens = 8 * 64
   assert r["tokens_per_sec"] == pytest.approx(tokens / r["step_time_s"])
   assert r["model_flops_per_token"] == flops.model_flops_per_token(
-      dataclasses.replace(load_config("tiny", REPO_ROOT / "experiments" / "configs").model, vocab_size=512), 64)
+      dataclasses.replace(load_config("tiny").model, vocab_size=512), 64)
   assert r["peak_flops"] > 1e9 and 0 < r["mfu"] < 1
   assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * r["model_flops_per_token"] / r["peak_flops"])
   assert r["compile_s"] > 0 and np.isfinite(r["loss"])

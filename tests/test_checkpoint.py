@@ -26,14 +26,13 @@ import pytest
 from ar_lm_jax import checkpoint as ckpt_lib
 from ar_lm_jax import saved_run
 from ar_lm_jax import step as step_lib
-from ar_lm_jax.cli import CONFIGS_DIR
 from ar_lm_jax.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def small_config(**checkpoint):
-  cfg = load_config("tiny", CONFIGS_DIR)
+  cfg = load_config("tiny")
   return cfg.replace(
       model=dataclasses.replace(cfg.model, vocab_size=512, hidden_size=32, num_heads=2, intermediate_size=64),
       data=dataclasses.replace(cfg.data, seq_len=32, batch_size=4),

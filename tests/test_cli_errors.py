@@ -10,7 +10,6 @@ writes them), so a damaged array file is a damaged parameter, and no test compil
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,14 +22,13 @@ import pytest
 
 from ar_lm_jax import checkpoint as ckpt_lib
 from ar_lm_jax import cli, evaluate, saved_run
-from ar_lm_jax.config import apply_overrides, dumps, load_config
+from ar_lm_jax.config import SAMPLE_DIR, apply_overrides, dumps, load_config
 from ar_lm_jax.model import abstract_params
 from experiments import generate as generate_cmd
 from experiments import train as train_cmd
 from tools import convert_from_pytorch, convert_to_pytorch, inspect_data, plot_schedule, prepare_data
 
 REPO = Path(__file__).parents[1]
-SAMPLE = REPO / "data" / "sample"
 
 
 def run_tool(main, argv=None, monkeypatch=None) -> int:
@@ -63,7 +61,7 @@ def tree_snapshot(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def cfg():
-  return apply_overrides(load_config("tiny", cli.CONFIGS_DIR), {"train.steps": 2, "train.progress": False})
+  return apply_overrides(load_config("tiny"), {"train.steps": 2, "train.progress": False})
 
 
 @pytest.fixture(scope="module")
@@ -200,16 +198,16 @@ def test_a_bad_tokenizer_is_one_line_and_a_failed_start_leaves_no_workdir(tmp_pa
   assert run_tool(inspect_data.main, ["--batches=1", flag]) == 2
   assert str(path) in one_error_line(capsys)
   out = tmp_path / "tok"
-  assert run_tool(prepare_data.main, [f"--input={SAMPLE / 'en_valid.jsonl'}", f"--output={out}", "--workers=1",
+  assert run_tool(prepare_data.main, [f"--input={SAMPLE_DIR / 'en_valid.jsonl'}", f"--output={out}", "--workers=1",
                                       "--no_progress", f"--tokenizer_path={path}"]) == 2
   assert str(path) in one_error_line(capsys) and not out.exists()
 
 
 def test_config_mistakes_name_the_key_and_the_source(capsys, monkeypatch, tmp_path):
   cases = [
-      ('--config.data.sources=[{"path": "data/sample/en_train.jsonl"}]', "data.sources[0]: missing required key(s) lang"),
-      ('--config.data.sources=[{"path": "data/sample/en_train.jsonl", "lang": "en"}, '
-       '{"path": "data/sample/ar_train.jsonl", "lang": "ar", "weight": -1}]', "data.sources[1]: "),
+      ('--config.data.sources=[{"path": "ar_lm_jax/sample_data/en_train.jsonl"}]', "data.sources[0]: missing required key(s) lang"),
+      ('--config.data.sources=[{"path": "ar_lm_jax/sample_data/en_train.jsonl", "lang": "en"}, '
+       '{"path": "ar_lm_jax/sample_data/ar_train.jsonl", "lang": "ar", "weight": -1}]', "data.sources[1]: "),
       ("--config.train.steps=0", "train.steps: must be >= 1"),
       ("--config.checkpoint.keep_aside=-1", "checkpoint.keep_aside"),
   ]
@@ -226,14 +224,14 @@ def test_config_mistakes_name_the_key_and_the_source(capsys, monkeypatch, tmp_pa
 def test_prepare_data_output_that_is_a_file(tmp_path, capsys):
   out = tmp_path / "out"
   out.write_text("keep me")
-  assert run_tool(prepare_data.main, [f"--input={SAMPLE / 'en_valid.jsonl'}", f"--output={out}", "--workers=1",
+  assert run_tool(prepare_data.main, [f"--input={SAMPLE_DIR / 'en_valid.jsonl'}", f"--output={out}", "--workers=1",
                                       "--no_progress"]) == 2
   assert "not a directory" in one_error_line(capsys) and out.read_text() == "keep me"
 
 
 def test_prepare_data_says_a_truncated_input_in_a_line(tmp_path, capsys):
   import gzip
-  whole = gzip.compress((SAMPLE / "en_valid.jsonl").read_bytes())
+  whole = gzip.compress((SAMPLE_DIR / "en_valid.jsonl").read_bytes())
   src = tmp_path / "cut.jsonl.gz"
   src.write_bytes(whole[:len(whole) // 2])
   assert run_tool(prepare_data.main, [f"--input={src}", f"--output={tmp_path / 'tok'}", "--workers=1",
@@ -277,8 +275,8 @@ def test_evaluate_reads_the_formats_training_reads(tmp_path):
   import pyarrow as pa
   import pyarrow.parquet as pq
   import zstandard
-  ref = evaluate.read_jsonl(SAMPLE / "ar_valid.jsonl")
-  raw = (SAMPLE / "ar_valid.jsonl").read_bytes()
+  ref = evaluate.read_jsonl(SAMPLE_DIR / "ar_valid.jsonl")
+  raw = (SAMPLE_DIR / "ar_valid.jsonl").read_bytes()
   (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(raw))
   (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
   texts = [t for _, t in ref]

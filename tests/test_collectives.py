@@ -12,12 +12,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from ar_lm_jax import collectives
-from ar_lm_jax.config import REPO_ROOT
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 HLO = textwrap.dedent("""\
     HloModule m, entry_computation_layout={(f32[256,4]{1,0}, bf16[8,16]{1,0})->f32[256,4]{1,0}}
 
@@ -88,9 +89,9 @@ def test_report_of_a_hand_written_module():
 STEP_REPORT = textwrap.dedent("""
     import dataclasses, json, jax
     from ar_lm_jax import collectives, loss, step as step_lib
-    from ar_lm_jax.config import REPO_ROOT, MeshConfig, load_config
+    from ar_lm_jax.config import MeshConfig, load_config
     from ar_lm_jax.model import param_count
-    base = load_config("tiny", REPO_ROOT / "experiments" / "configs")
+    base = load_config("tiny")
     out = {}
     for name, chunk, z_loss in (("fused", 16, 0.0), ("recompute", 16, 1e-4), ("unchunked", 0, 0.0)):
       cfg = base.replace(model=dataclasses.replace(base.model, vocab_size=2048, dtype="bfloat16", remat="save_attn_mlp_out"),

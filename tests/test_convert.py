@@ -23,7 +23,7 @@ import torch
 
 from ar_lm_jax import cli, data, evaluate, hf, loop, saved_run
 from ar_lm_jax import step as step_lib
-from ar_lm_jax.config import apply_overrides, load_config
+from ar_lm_jax.config import SAMPLE_DIR, apply_overrides, load_config
 from ar_lm_jax.model import StableLM
 from ar_lm_jax.tokenizer import load_tokenizer
 from tools import convert_from_pytorch, convert_to_pytorch
@@ -31,7 +31,6 @@ from tools import convert_from_pytorch, convert_to_pytorch
 os.environ["HF_HUB_OFFLINE"] = "1"  # the export must load with no network
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-SAMPLE = Path(__file__).parents[1] / "data" / "sample"
 EDGE_CASES = ["2024 1234567890", "  spaces   and\ttabs\n\n\nnewlines\r\n", "<|endoftext|>x<|im_start|>",
               "بِسْمِ اللَّهِ الرَّحْمَٰنِ", "العـــــربية", "emoji 😀👍🏽 👩‍👩‍👧", "cafe\u0301"]
 
@@ -46,7 +45,7 @@ def run_tool(tool, argv) -> int:
 def hf_init(tmp_path_factory):
   """A random HF model with tiny's architecture, saved by transformers."""
   from transformers import StableLmConfig, StableLmForCausalLM
-  model_cfg = load_config("tiny", cli.CONFIGS_DIR).model
+  model_cfg = load_config("tiny").model
   fields = {k: v for k, v in hf.hf_config_dict(model_cfg).items() if k not in ("architectures", "model_type")}
   torch.manual_seed(0)
   model = StableLmForCausalLM(StableLmConfig(**fields)).eval()
@@ -60,7 +59,7 @@ def hf_init(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(hf_init, tmp_path_factory):
-  cfg = apply_overrides(load_config("tiny", cli.CONFIGS_DIR), {
+  cfg = apply_overrides(load_config("tiny"), {
       "train.steps": 2, "train.log_every": 1, "train.eval_every": 0, "train.progress": False,
       "checkpoint.init_from": str(hf_init)})
   workdir = tmp_path_factory.mktemp("run")
@@ -109,7 +108,7 @@ def test_first_logged_loss_is_hf_loss_on_the_first_batch(run, hf_init):
 def held_out() -> dict[str, list[str]]:
   docs = {}
   for lang in ("en", "ar"):
-    with open(SAMPLE / f"{lang}_valid.jsonl") as f:
+    with open(SAMPLE_DIR / f"{lang}_valid.jsonl") as f:
       docs[lang] = [json.loads(line)["text"] for line in f if line.strip()]
   return docs
 
@@ -158,7 +157,7 @@ def test_export_loads_offline_and_scores_like_our_evaluation(run, exported, ours
   assert isinstance(model, StableLmForCausalLM) and isinstance(tok, PreTrainedTokenizerFast)
   assert model.get_input_embeddings().weight.shape[0] == cfg.model.vocab_size == 100352  # padding rows kept
   ref_tok = load_tokenizer()
-  sample = [json.loads(line)["text"] for path in sorted(SAMPLE.glob("*.jsonl")) if not path.name.startswith("chat_")
+  sample = [json.loads(line)["text"] for path in sorted(SAMPLE_DIR.glob("*.jsonl")) if not path.name.startswith("chat_")
             for line in open(path) if line.strip()]
   texts = sample + EDGE_CASES
   assert tok(texts)["input_ids"] == ref_tok.encode_batch(texts)  # the whole bilingual sample, specials in text as text

@@ -10,7 +10,6 @@ import pytest
 from slurm_testing import SHAPES, SLURM_GPU_VARS, SRUN_2_TASKS
 
 from ar_lm_jax import distributed
-from ar_lm_jax.cli import CONFIGS_DIR
 from ar_lm_jax.config import Config, ConfigError, load_config
 
 
@@ -21,7 +20,7 @@ class FakeDevice:
 
 
 def recipe(data: int) -> "Config":
-  cfg = load_config("ar_stablelm_2_1_6b", CONFIGS_DIR)
+  cfg = load_config("ar_stablelm_2_1_6b")
   return cfg.replace(mesh=dataclasses.replace(cfg.mesh, data=data, model=1))
 
 

@@ -12,7 +12,6 @@ import jax
 import pytest
 
 from ar_lm_jax import dry_run
-from ar_lm_jax.cli import CONFIGS_DIR
 from ar_lm_jax.config import apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +58,7 @@ def test_recipe_dry_run_on_16_devices(tmp_path):
 
 
 def test_dry_run_without_compiling_allocates_nothing():
-  cfg = apply_overrides(load_config("tiny", CONFIGS_DIR), {"mesh.data": "1"})
+  cfg = apply_overrides(load_config("tiny"), {"mesh.data": "1"})
   before = {id(a) for a in jax.live_arrays()}
   report = dry_run.dry_run(cfg, memory_analysis=False)
   assert [a for a in jax.live_arrays() if id(a) not in before] == []
@@ -69,7 +68,7 @@ def test_dry_run_without_compiling_allocates_nothing():
 
 
 def test_gpu_only_attention_reports_why_there_is_no_memory_analysis():
-  cfg = apply_overrides(load_config("tiny", CONFIGS_DIR), {"mesh.data": "1", "model.attention": "pallas"})
+  cfg = apply_overrides(load_config("tiny"), {"mesh.data": "1", "model.attention": "pallas"})
   report = dry_run.dry_run(cfg)
   assert "memory" not in report and report["memory_unavailable"] == "model.attention=pallas compiles only on GPU, not cpu"
   assert report["params"] == 12_946_432  # the shapes-only part still runs
@@ -155,7 +154,7 @@ def test_out_of_memory_message_parses_to_bytes(message, expected):
 def test_splash_config_builds_and_inits_off_tpu():
   """Init traces a [1, 8] batch, which splash's 128-row tiles cannot cover: building must not call the kernel."""
   from ar_lm_jax import step as step_lib
-  cfg = apply_overrides(load_config("tiny", CONFIGS_DIR), {"mesh.data": "1", "model.attention": "splash"})
+  cfg = apply_overrides(load_config("tiny"), {"mesh.data": "1", "model.attention": "splash"})
   report = dry_run.dry_run(cfg, memory_analysis=False)
   assert report["params"] == 12_946_432 and report["attention"] == "splash"
   setup = step_lib.build(cfg)

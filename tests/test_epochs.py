@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def sft_tiny(**train):
-  cfg = load_config("sft_tiny", cli.CONFIGS_DIR)
+  cfg = load_config("sft_tiny")
   return cfg.replace(train=dataclasses.replace(cfg.train, **train)) if train else cfg
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import unicodedata
+from pathlib import Path
 from unittest import mock
 
 import jax
@@ -19,9 +20,11 @@ import torch
 from ar_lm_jax import cli, hf, hf_io, saved_run
 from ar_lm_jax import evaluate as ev
 from ar_lm_jax import step as step_lib
-from ar_lm_jax.config import REPO_ROOT, SAMPLE_DIR, Config, DataConfig, MeshConfig, ModelConfig, SourceConfig, TrainConfig
+from ar_lm_jax.config import SAMPLE_DIR, Config, DataConfig, MeshConfig, ModelConfig, SourceConfig, TrainConfig
 from ar_lm_jax.hf_tokenizer import save_hf_tokenizer
 from ar_lm_jax.tokenizer import load_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from ar_lm_jax import flops, tpu_topology
-from ar_lm_jax.config import REPO_ROOT, load_config
+from ar_lm_jax.config import load_config
 from ar_lm_jax.model import abstract_params, param_count
 
 
 def test_flops_per_token_counts_every_matmul_parameter_and_causal_attention():
-  cfg = load_config("ar_stablelm_2_1_6b", REPO_ROOT / "experiments" / "configs").model
+  cfg = load_config("ar_stablelm_2_1_6b").model
   params = nn.meta.unbox(abstract_params(cfg))
   matrices = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
                  if jax.tree_util.keystr(path).endswith("['kernel']"))  # q/k/v/o, MLP, LM head; not the embedding

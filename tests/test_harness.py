@@ -18,6 +18,7 @@ import io
 import json
 import math
 import sys
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -25,10 +26,11 @@ import pytest
 import torch
 
 from ar_lm_jax import cli, harness, hf_io, loop
-from ar_lm_jax.config import (REPO_ROOT, CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, PhaseConfig,
+from ar_lm_jax.config import (CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, PhaseConfig,
                               TrainConfig)
 from tests.hf_testing import one_torch_thread  # noqa: F401 - the module-wide one-thread torch fixture
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO_ROOT / "tests" / "harness_tasks"
 TASKS = ["arlm_mc_en", "arlm_mc_ar", "arlm_rolling", "arlm_gen"]
 MAX_LEN = 64  # max_position_embeddings: the rolling task's long documents need several windows

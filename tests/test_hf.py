@@ -25,7 +25,7 @@ import torch
 
 from ar_lm_jax import cli, hf, hf_io, saved_run
 from ar_lm_jax.checkpoint import Checkpointer
-from ar_lm_jax.config import Config, DataConfig, ModelConfig
+from ar_lm_jax.config import SAMPLE_DIR, Config, DataConfig, ModelConfig
 from ar_lm_jax.model import StableLM, abstract_params
 from ar_lm_jax.tokenizer import load_tokenizer
 from tools import convert_from_pytorch, convert_to_pytorch
@@ -126,7 +126,7 @@ def bilingual_docs(n_tokens: int = 40) -> list[np.ndarray]:
   tok = load_tokenizer()
   docs = []
   for lang in ("en", "ar"):
-    with open(Path(__file__).parents[1] / "data" / "sample" / f"{lang}_valid.jsonl") as f:
+    with open(SAMPLE_DIR / f"{lang}_valid.jsonl") as f:
       texts = [json.loads(line)["text"] for line in f if line.strip()][:2]
     docs += [np.asarray(tok.encode(t)[:n_tokens]) for t in texts]
   return docs

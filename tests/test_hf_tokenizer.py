@@ -15,11 +15,11 @@ import unicodedata
 
 import pytest
 
+from ar_lm_jax.config import SAMPLE_DIR
 from ar_lm_jax.hf_tokenizer import MODEL_MAX_LENGTH, save_hf_tokenizer
 from ar_lm_jax.tokenizer import ARCADE100K_PATTERN, SPECIAL_TOKENS, Arcade100k, load_tokenizer
 
-SAMPLE_GLOB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "data", "sample", "*.jsonl")
+SAMPLE_GLOB = str(SAMPLE_DIR / "*.jsonl")
 
 EDGE_CASES = [
     "2024", "0123456789", "x=1234567890123;", "3.14159 and 1,000,000", "١٢٣٤٥ ۱۲۳ ४२",

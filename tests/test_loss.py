@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,8 @@ import numpy as np
 import pytest
 
 from ar_lm_jax import loss as loss_lib
-from ar_lm_jax.config import REPO_ROOT
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 B, T, D, V = 2, 16, 8, 50
 SEGMENTS = np.array([[1] * 5 + [2] * 9 + [0] * 2, [3] * 16], np.int32)
 
@@ -114,8 +115,8 @@ def test_chunk_must_divide_the_sequence(inputs):
 SHARDED_STEP = textwrap.dedent("""
     import dataclasses, numpy as np, jax
     from ar_lm_jax import step as step_lib, sharding
-    from ar_lm_jax.config import REPO_ROOT, MeshConfig, load_config
-    base = load_config("tiny", REPO_ROOT / "experiments" / "configs")
+    from ar_lm_jax.config import MeshConfig, load_config
+    base = load_config("tiny")
     base = base.replace(model=dataclasses.replace(base.model, vocab_size=512),
                         data=dataclasses.replace(base.data, seq_len=32, batch_size=16),
                         optim=dataclasses.replace(base.optim, grad_accum_steps=2),

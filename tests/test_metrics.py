@@ -7,9 +7,7 @@ import shutil
 import struct
 from pathlib import Path
 
-import pytest
-
-from ar_lm_jax import cli, loop
+from ar_lm_jax import loop
 from ar_lm_jax.config import apply_overrides, load_config
 from ar_lm_jax.metrics import MetricsWriter
 
@@ -75,7 +73,7 @@ def test_merged_rows_and_a_resume_at_the_last_row_change_nothing(tmp_path):
 def test_trainer_resume_after_a_lost_checkpoint_logs_each_step_once_like_one_run(tmp_path):
   """Steps 1..4 with checkpoints at 2 and 4; step 4's checkpoint is lost (a kill before it was saved), the rerun
   trains 3..4 again: the file must read like the uninterrupted run, eval rows included."""
-  cfg = apply_overrides(load_config("tiny", cli.CONFIGS_DIR), {
+  cfg = apply_overrides(load_config("tiny"), {
       "data.seq_len": 64, "data.batch_size": 4, "train.steps": 4, "train.log_every": 1, "train.eval_every": 2,
       "train.eval_max_docs": 2, "train.progress": False, "checkpoint.every_steps": 2, "checkpoint.async_save": False})
   once = tmp_path / "once"

@@ -102,9 +102,8 @@ def test_parameter_counts_of_presets():
   full = ModelConfig()
   assert param_count(abstract_params(full)) == 1_644_515_328  # HF StableLmForCausalLM with this config
   assert param_count(abstract_params(dataclasses.replace(full, norm_bias=False))) == 1_644_417_024  # the card
-  from ar_lm_jax.cli import CONFIGS_DIR
   from ar_lm_jax.config import load_config
-  tiny = load_config("tiny", CONFIGS_DIR).model
+  tiny = load_config("tiny").model
   assert tiny.vocab_size == 100352 and tiny.partial_rotary_factor == 0.25 and tiny.qkv_bias
 
 

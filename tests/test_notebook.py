@@ -3,15 +3,17 @@
 import json
 import math
 import struct
+from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
 from ar_lm_jax import loop
-from ar_lm_jax.config import (REPO_ROOT, CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, PhaseConfig,
+from ar_lm_jax.config import (CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, PhaseConfig,
                               TrainConfig)
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "notebooks" / "evaluate.ipynb"
 EVAL_KEYS = ("eval/en/loss", "eval/ar/loss", "eval/en/bpb", "eval/ar/bpb")
 

@@ -16,8 +16,10 @@ import optax
 import pytest
 
 from ar_lm_jax import cli, optim
-from ar_lm_jax.config import REPO_ROOT, ConfigError, OptimConfig, PhaseConfig
+from ar_lm_jax.config import ConfigError, OptimConfig, PhaseConfig
 from tools import plot_schedule
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 
 # One phase of every kind, 750 steps in a 1000-step run: the lr holds at 0 for the last 250.
 ALL_KINDS = OptimConfig(init_lr=0.1, phases=(
@@ -387,7 +389,7 @@ def test_plot_schedule_command_line(tmp_path):
 
 def test_recipe_config_uses_the_ar_schedule():
   from ar_lm_jax.config import load_config
-  cfg = load_config("ar_stablelm_2_1_6b", REPO_ROOT / "experiments" / "configs")
+  cfg = load_config("ar_stablelm_2_1_6b")
   assert cfg.train.steps == 500_000
   assert cfg.optim.phases == optim.ar_stablelm2_phases()
   assert optim.phase_boundaries(cfg.optim, cfg.train.steps)[-1] == ("linear_decay", 300_000, 500_000)

@@ -24,7 +24,6 @@ from jax.sharding import AbstractMesh
 
 from ar_lm_jax import model as model_lib
 from ar_lm_jax import optim, sharding
-from ar_lm_jax.cli import CONFIGS_DIR
 from ar_lm_jax.config import ConfigError, apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +40,7 @@ TINY_5_STEPS = ["--config.train.steps=5", "--config.train.log_every=1", "--confi
 def tiny(**sections):
   """`tiny` with e.g. mesh={"data": 2} applied as --config.mesh.data=2 would be."""
   flat = {f"{section}.{k}": json.dumps(v) for section, kv in sections.items() for k, v in kv.items()}
-  return apply_overrides(load_config("tiny", CONFIGS_DIR), flat)
+  return apply_overrides(load_config("tiny"), flat)
 
 
 def layouts(cfg, data: int, model: int):
@@ -146,7 +145,7 @@ def test_fsdp_shards_params_over_data_too():
 
 @pytest.mark.parametrize("data,model", [(16, 1), (8, 2)])
 def test_recipe_zero1_bytes_per_device(data, model):
-  cfg = apply_overrides(load_config("ar_stablelm_2_1_6b", CONFIGS_DIR), {"mesh.data": str(data), "mesh.model": str(model)})
+  cfg = apply_overrides(load_config("ar_stablelm_2_1_6b"), {"mesh.data": str(data), "mesh.model": str(model)})
   params, params_sh, opt, opt_sh = layouts(cfg, data, model)
   assert model_lib.param_count(params) == RECIPE_PARAMS
   assert sharding.bytes_per_device(params, params_sh) == pytest.approx(4 * RECIPE_PARAMS / model, rel=0.01)

@@ -2,7 +2,6 @@
 
 import functools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ import pytest
 
 from ar_lm_jax import optim, sharding
 from ar_lm_jax import step as step_lib
-from ar_lm_jax.cli import CONFIGS_DIR
 from ar_lm_jax.config import apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +47,7 @@ def run_steps(cfg, batches):
 
 
 def test_grad_accumulation_equals_one_large_batch():
-  base = apply_overrides(load_config("tiny", CONFIGS_DIR), {"data.seq_len": "64", "data.batch_size": "8"})
+  base = apply_overrides(load_config("tiny"), {"data.seq_len": "64", "data.batch_size": "8"})
   accum = apply_overrides(base, {"optim.grad_accum_steps": "4"})
   batch = packed_batch(8, 64, 1000, seed=1)
   setup = step_lib.build(base, jax.devices()[:1])
@@ -70,7 +68,7 @@ def test_grad_accumulation_equals_one_large_batch():
 
 def test_accumulated_train_step_matches():
   """Through the whole jitted step: same loss and gradient norm with and without accumulation."""
-  base = apply_overrides(load_config("tiny", CONFIGS_DIR), {"data.seq_len": "64", "data.batch_size": "8"})
+  base = apply_overrides(load_config("tiny"), {"data.seq_len": "64", "data.batch_size": "8"})
   batches = [packed_batch(8, 64, 1000, seed=s) for s in (1, 2)]
   _, m1 = run_steps(base, batches)
   _, m4 = run_steps(apply_overrides(base, {"optim.grad_accum_steps": "4"}), batches)
@@ -80,7 +78,7 @@ def test_accumulated_train_step_matches():
 
 
 def test_non_finite_step_is_skipped():
-  cfg = apply_overrides(load_config("tiny", CONFIGS_DIR), {"data.seq_len": "32", "data.batch_size": "2"})
+  cfg = apply_overrides(load_config("tiny"), {"data.seq_len": "32", "data.batch_size": "2"})
   setup = step_lib.build(cfg, jax.devices()[:1])
   state = step_lib.init_state(setup, seed=0)
   before = jax.device_get(state["params"])
@@ -127,7 +125,7 @@ def test_cli_run_writes_metrics_and_loss_falls(tiny_run):
 
 def test_logged_lr_equals_schedule(tiny_run):
   _, rows, _ = tiny_run
-  cfg = apply_overrides(load_config("tiny", CONFIGS_DIR), {"train.steps": "30"})
+  cfg = apply_overrides(load_config("tiny"), {"train.steps": "30"})
   schedule = optim.build_schedule(cfg.optim, cfg.train.steps)
   for r in rows:
     if "lr" in r:
@@ -147,7 +145,7 @@ def test_skipped_steps_do_not_shift_the_lr_schedule(monkeypatch):
   reaches 0. The applied lr is read back from the update itself: AdamW's new params are
   p - lr * (mu_hat / (sqrt(nu_hat) + eps) + wd * p), with mu, nu and the count from the new optimizer state,
   so lr = -(p_new - p) . d / (d . d), computed in float64."""
-  cfg = apply_overrides(load_config("tiny", CONFIGS_DIR), {
+  cfg = apply_overrides(load_config("tiny"), {
       "data.seq_len": "32", "data.batch_size": "2", "train.steps": "8",
       "optim.phases": '[{"kind": "linear_warmup", "steps": 4, "end_lr": 0.01}, {"kind": "linear_decay", "steps": 4, "end_lr": 0.0}]'})
   bad_steps = {3, 4}

@@ -28,14 +28,12 @@ The choices and where they come from:
   chunked loss; 128 = 16 x 8 sequences, no accumulation.
 """
 
-from pathlib import Path
-
 from ar_lm_jax.config import (SAMPLE_DIR, CheckpointConfig, DataConfig, OptimConfig, PhaseConfig, SourceConfig,
                               TrainConfig, load_config)
 
 
 def get_config():
-  base = load_config("ar_stablelm_2_1_6b", Path(__file__).parent)
+  base = load_config("ar_stablelm_2_1_6b")
   return base.replace(
       name="ar_stablelm_2_1_6b_sft",
       data=DataConfig(

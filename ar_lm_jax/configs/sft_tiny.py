@@ -1,7 +1,7 @@
 """`sft_tiny`: supervised fine-tuning of the `tiny` model on the bundled conversations (CPU, about a minute).
 
 The fine-tuning counterpart of `tiny`: the same model, so `--config.checkpoint.init_from=<a tiny
-workdir>` starts from a base run, trained on `data/sample/chat_train.jsonl` (45 short English and
+workdir>` starts from a base run, trained on `ar_lm_jax/sample_data/chat_train.jsonl` (45 short English and
 Arabic conversations written for this project; `chat_valid.jsonl` is the held-out split scored
 every 10 steps) with the loss on the assistant turns only (`data.loss_on`), and 10% of the rows
 replaying the pre-training text (loss on every token), as fine-tuning recipes do to keep the base
@@ -15,14 +15,12 @@ epochs, see ar_stablelm_2_1_6b_sft). `data/epochs_0_chat` in the metrics counts 
 `--config.train.steps=N` instead gives an N-step run (the command line's length replaces the other).
 """
 
-from pathlib import Path
-
 from ar_lm_jax.config import (SAMPLE_DIR, CheckpointConfig, DataConfig, OptimConfig, PhaseConfig, SourceConfig,
                               TrainConfig, load_config)
 
 
 def get_config():
-  base = load_config("tiny", Path(__file__).parent)  # the same model, so a tiny run's weights load
+  base = load_config("tiny")  # the same model, so a tiny run's weights load
   chat = lambda name, weight: SourceConfig(path=str(SAMPLE_DIR / name), lang="chat", weight=weight, format="chat")
   text = lambda name, lang, weight: SourceConfig(path=str(SAMPLE_DIR / name), lang=lang, weight=weight, format="jsonl")
   return base.replace(

@@ -20,13 +20,11 @@ Why v6e-16: the dry run (libtpu 0.0.42 on a CPU host; docs/tpu.md has the whole 
   python -m experiments.train --config=ar_stablelm_2_1_6b_tpu --dry_run --target=v6e-16
 """
 
-from pathlib import Path
-
 from ar_lm_jax.config import MeshConfig, load_config
 
 
 def get_config():
-  base = load_config(str(Path(__file__).with_name("ar_stablelm_2_1_6b.py")), Path(__file__).parent)
+  base = load_config("ar_stablelm_2_1_6b")
   return base.replace(
       name="ar_stablelm_2_1_6b_tpu",
       mesh=MeshConfig(data=16, model=1, shard_optimizer_over_data=True, fsdp=False),  # v6e-16: 16 chips, 6 sequences each

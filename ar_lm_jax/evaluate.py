@@ -143,11 +143,11 @@ class Scorer:
     self.batch_rows = batch_rows
     self.seq_len = setup.cfg.data.seq_len
     self._batch_sharding = sharding.batch_sharding(setup.mesh)
-    fn = jax.jit(self._nll_sum, in_shardings=(setup.state_shardings["params"], {k: self._batch_sharding for k in ROW_KEYS}),
+    fn = jax.jit(self._nll_sum, in_shardings=(setup.state_shardings.params, {k: self._batch_sharding for k in ROW_KEYS}),
                  out_shardings=NamedSharding(setup.mesh, P()))
     abstract_batch = {k: jax.ShapeDtypeStruct((batch_rows, self.seq_len), jnp.int32) for k in ROW_KEYS}
     with setup.activate():  # compiled once, here: evaluating again never recompiles
-      self._compiled = fn.lower(setup.abstract_state["params"], abstract_batch).compile()
+      self._compiled = fn.lower(setup.abstract_state.params, abstract_batch).compile()
 
   def _nll_sum(self, params, batch):
     s_nll, _ = step_lib.loss_sums(self.setup.model, params, batch, self.setup.cfg)
@@ -410,7 +410,7 @@ def for_devices(cfg: Config, num_devices: int, batch_rows: Optional[int] = None)
 @dataclasses.dataclass
 class LoadedRun:
   setup: step_lib.Setup  # the run's model and shardings, fitted to these devices
-  params: Any  # placed in setup.state_shardings["params"]
+  params: Any  # placed in setup.state_shardings.params
   step: int  # the checkpoint's step
   directory: Path  # the orbax checkpoints folder it came from
 
@@ -424,7 +424,7 @@ def load_run(workdir: Optional[str] = None, checkpoint: Optional[str] = None, st
   except checkpoint_lib.CheckpointError as e:
     raise EvalError(str(e)) from None
   setup = step_lib.build(for_devices(cfg, jax.device_count(), batch_rows))
-  params = checkpoint_lib.restore_params(directory, step, setup.cfg, setup.state_shardings["params"])
+  params = checkpoint_lib.restore_params(directory, step, setup.cfg, setup.state_shardings.params)
   return LoadedRun(setup, params, step, directory)
 
 

@@ -149,13 +149,13 @@ class Engine:
     key = (length, scored)
     if key not in self._compiled:
       replicated = NamedSharding(self.setup.mesh, P())
-      fn = jax.jit(self._score_fn, in_shardings=(self.setup.state_shardings["params"],
+      fn = jax.jit(self._score_fn, in_shardings=(self.setup.state_shardings.params,
                                                  {k: self._batch_sharding for k in ROW_KEYS + SCORE_KEYS}),
                    out_shardings=(replicated, replicated))
       abstract = {**{k: jax.ShapeDtypeStruct((self.rows, length), jnp.int32) for k in ROW_KEYS},
                   **{k: jax.ShapeDtypeStruct((self.rows, scored), jnp.int32) for k in SCORE_KEYS}}
       with self.setup.activate():
-        self._compiled[key] = fn.lower(self.setup.abstract_state["params"], abstract).compile()
+        self._compiled[key] = fn.lower(self.setup.abstract_state.params, abstract).compile()
     return self._compiled[key]
 
   # Process 0 announces every batch; the others receive it in `follow`.

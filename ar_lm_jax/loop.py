@@ -166,12 +166,12 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     _say(f"resuming from checkpoint step {restored.step} in {ckpt.directory}")
   elif cfg.checkpoint.init_from:  # a fresh run (step 0, fresh optimizer) from given weights; a resume wins
     from ar_lm_jax import hf_io
-    params = hf_io.init_params(cfg.checkpoint.init_from, cfg.model, setup.state_shardings["params"])
+    params = hf_io.init_params(cfg.checkpoint.init_from, cfg.model, setup.state_shardings.params)
     state = step_lib.state_from_params(setup, params)
     _say(f"initialized the parameters from {cfg.checkpoint.init_from}")
   else:
     state = step_lib.init_state(setup, cfg.train.seed)
-  start_step = int(jax.device_get(state["step"]))
+  start_step = int(jax.device_get(state.step))
 
   step_fn = step_lib.jit_train_step(setup)
   with setup.activate():
@@ -240,12 +240,12 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       if evaluator is not None and step % cfg.train.eval_every == 0:
         jax.block_until_ready(state)  # the eval waits for this step anyway; waiting here keeps its time out of t_eval
         t_eval = time.perf_counter()
-        writer.write(step, evaluator(state["params"]))
+        writer.write(step, evaluator(state.params))
         t_last += time.perf_counter() - t_eval  # keep eval time out of the next tokens_per_sec
       if harness is not None and step % cfg.train.harness_every == 0:
         jax.block_until_ready(state)
         t_harness = time.perf_counter()
-        writer.write(step, harness(state["params"], step))  # {} on processes other than 0, which only follow
+        writer.write(step, harness(state.params, step))  # {} on processes other than 0, which only follow
         t_last += time.perf_counter() - t_harness  # keep the harness's time out of the next tokens_per_sec
       if ckpt.due(step) and bad.finite_at(step, finite):
         ckpt.save(step, state, data_iter.get_state())

@@ -244,11 +244,11 @@ def test_saved_config_and_params_only_reads(small, tmp_path):
   assert ckpt_lib.saved_config(tmp_path, 5) == (5, cfg)
   with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint of step 6"):
     ckpt_lib.saved_config(tmp_path, 6)
-  want = jax.device_get(variant(state, 7))["params"]
+  want = jax.device_get(variant(state, 7)).params
   on_host = ckpt_lib.restore_params(tmp_path, 7, cfg)
   assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(on_host))
   assert_same_tree(on_host, want)
-  sharded = ckpt_lib.restore_params(tmp_path, 7, cfg, setup.state_shardings["params"])
+  sharded = ckpt_lib.restore_params(tmp_path, 7, cfg, setup.state_shardings.params)
   assert_same_tree(sharded, want)
 
 
@@ -256,9 +256,9 @@ def test_params_only_checkpoint_is_refused_for_resume(small, tmp_path):
   cfg, setup, state, host = small
   ck = ckpt_lib.Checkpointer(tmp_path, cfg)  # as the HF import writes it: host arrays, no optimizer or data state
   for step in (0, 1):
-    ck.save(step, {"step": np.zeros((), np.int32), "params": jax.tree.map(lambda x: x + step, host["params"])})
+    ck.save(step, {"step": np.zeros((), np.int32), "params": jax.tree.map(lambda x: x + step, host.params)})
   ck.close()
-  assert_same_tree(ckpt_lib.restore_params(tmp_path, 0, cfg), host["params"])
+  assert_same_tree(ckpt_lib.restore_params(tmp_path, 0, cfg), host.params)
   with pytest.raises(ckpt_lib.CheckpointError, match="params-only checkpoint"):
     ckpt_lib.Checkpointer(tmp_path, cfg).restore_latest(setup.abstract_state, setup.state_shardings)
   damage(tmp_path / "0", "mixed_copy")
@@ -304,12 +304,12 @@ for name, (data, model, devices) in {"8x1": (8, 1, jax.devices()), "1": (1, 1, j
   assert_same_tree(r.state, host)
   want = jax.tree.leaves(dst.state_shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
   assert all(x.sharding.is_equivalent_to(w, x.ndim) for x, w in zip(jax.tree.leaves(r.state), want))
-  q = r.state["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
-  mu = r.state["opt_state"][1].mu["lm_head"]["kernel"]
+  q = r.state.params["layers"]["self_attn"]["q_proj"]["kernel"]
+  mu = r.state.opt_state[1].mu["lm_head"]["kernel"]
   out[name] = {"devices": len(q.sharding.device_set), "q_spec": spec(q), "mu_spec": spec(mu)}
-q0 = state["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+q0 = state.params["layers"]["self_attn"]["q_proj"]["kernel"]
 out["4x2"] = {"devices": len(q0.sharding.device_set), "q_spec": spec(q0),
-              "mu_spec": spec(state["opt_state"][1].mu["lm_head"]["kernel"])}
+              "mu_spec": spec(state.opt_state[1].mu["lm_head"]["kernel"])}
 print(json.dumps(out))
 """
 

@@ -183,7 +183,7 @@ def test_in_training_evaluator_scores_the_first_documents_like_the_command(workd
   cfg = ev.for_devices(run, jax.device_count())
   setup = step_lib.build(cfg)
   from ar_lm_jax.checkpoint import restore_params
-  params = restore_params(workdir / "checkpoints", 0, cfg, setup.state_shardings["params"])
+  params = restore_params(workdir / "checkpoints", 0, cfg, setup.state_shardings.params)
   evaluator = ev.TrainEvaluator(setup)
   got = evaluator(params)
   assert got == evaluator(params)  # the second call reuses everything, bit for bit

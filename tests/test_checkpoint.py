@@ -266,6 +266,31 @@ def test_params_only_checkpoint_is_refused_for_resume(small, tmp_path):
     ckpt_lib.restore_params(tmp_path, 0, cfg)
 
 
+def test_train_state_is_saved_under_the_names_of_the_dict_state(small, tmp_path):
+  # Runs saved when the state was a dict {"step", "params", "opt_state", "skipped_steps"} must resume, and
+  # readers of the files (hf_io, restore_params) must find the same array names and fingerprint keys.
+  cfg, setup, state, host = small
+  as_dict = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  for directory, saved in (("dict", as_dict), ("typed", state)):
+    ck = ckpt_lib.Checkpointer(tmp_path / directory, cfg)
+    ck.save(1, saved, {"row": 1})
+    ck.close()
+  names = {}
+  for directory in ("dict", "typed"):
+    step_dir = tmp_path / directory / "1"
+    meta = json.loads((step_dir / "state" / "_METADATA").read_text())["tree_metadata"]
+    fingerprint = json.loads((step_dir / "fingerprint" / "metadata").read_text())
+    names[directory] = (meta, fingerprint)
+    restored = ckpt_lib.Checkpointer(tmp_path / directory, cfg).restore_latest(setup.abstract_state, setup.state_shardings)
+    assert isinstance(restored.state, step_lib.TrainState)
+    assert_same_tree(restored.state, host)
+  assert names["dict"] == names["typed"]
+  meta, fingerprint = names["typed"]
+  assert {"('step',)", "('skipped_steps',)", "('params', 'layers', 'self_attn', 'o_proj', 'kernel')",
+          "('opt_state', '1', 'mu', 'lm_head', 'kernel')"} <= set(meta)
+  assert {"step", "skipped_steps", "params/lm_head/kernel", "opt_state/1/nu/lm_head/kernel"} <= set(fingerprint)
+
+
 def test_keep_every_must_be_a_multiple_of_every_steps():
   with pytest.raises(ConfigError, match="checkpoint.keep_every: 5 is not a multiple of checkpoint.every_steps=2"):
     small_config(every_steps=2, keep_every=5)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ar_lm_jax import batch as batch_lib
 from ar_lm_jax import loss as loss_lib
 from ar_lm_jax import optim, sharding
 from ar_lm_jax.config import Config
@@ -190,5 +191,5 @@ def jit_train_step(setup: Setup) -> Callable:
 
 
 def abstract_batch(cfg: Config) -> dict:
-  shape = (cfg.data.batch_size, cfg.data.seq_len)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+  """The train step's batch (`batch.KEYS`, data.batch_size x data.seq_len) as ShapeDtypeStructs, to compile it ahead of time."""
+  return batch_lib.abstract(cfg.data.batch_size, cfg.data.seq_len)

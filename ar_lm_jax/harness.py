@@ -74,7 +74,7 @@ from ar_lm_jax import generate as generate_lib
 from ar_lm_jax import sharding
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import ConfigError
-from ar_lm_jax.model import StableLM, lm_logits
+from ar_lm_jax.model import StableLM, lm_head_kernel, lm_logits
 from ar_lm_jax.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
 
 ROW_KEYS = batch_lib.INPUT_KEYS  # [rows, T]: the packed inputs (no loss mask: the scored positions say what counts)
@@ -142,7 +142,7 @@ class Engine:
   def _score_fn(self, params, batch):
     hidden_BTD = self.model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"],
                                   return_hidden=True)
-    return token_scores(hidden_BTD, params["lm_head"]["kernel"], batch["score_index"], batch["score_targets"],
+    return token_scores(hidden_BTD, lm_head_kernel(params), batch["score_index"], batch["score_targets"],
                         self.model_cfg.dtype, SCORE_CHUNK)
 
   def compiled(self, length: int, scored: int):

@@ -22,7 +22,7 @@ from ar_lm_jax import batch as batch_lib
 from ar_lm_jax import loss as loss_lib
 from ar_lm_jax import optim, sharding
 from ar_lm_jax.config import Config
-from ar_lm_jax.model import StableLM, abstract_params
+from ar_lm_jax.model import StableLM, abstract_params, lm_head_kernel
 
 
 
@@ -106,7 +106,7 @@ def loss_sums(model: StableLM, params, batch: dict, cfg: Config):
   # The chunked loss keeps one LM-head gradient partial per data shard, reduced once after its loop
   # (gcd: a batch that does not divide over `data`, e.g. an eval batch, still gets a valid grouping).
   groups = math.gcd(dict(jax.sharding.get_abstract_mesh().shape).get(sharding.DATA, 1), batch["tokens"].shape[0])
-  return loss_lib.nll_sums(hidden_BTD, params["lm_head"]["kernel"], targets_BT, mask_BT, cfg.model.dtype, cfg.train.loss_chunk_size,
+  return loss_lib.nll_sums(hidden_BTD, lm_head_kernel(params), targets_BT, mask_BT, cfg.model.dtype, cfg.train.loss_chunk_size,
                            z_grad=cfg.optim.z_loss > 0, grad_groups=groups)
 
 

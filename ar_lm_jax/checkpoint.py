@@ -128,7 +128,8 @@ def _key_str(k: Any) -> str:
 
 
 def path_str(path: tuple) -> str:
-  """A pytree path as 'params/layers/mlp/up_proj/kernel' (the same for a dict, a namedtuple or orbax metadata)."""
+  """A pytree path as 'params/layers/mlp/up_proj/kernel' (the same for a dict, a namedtuple, a dataclass such as
+  step.TrainState, or orbax metadata: attribute keys give their name)."""
   return "/".join(_key_str(k) for k in path)
 
 

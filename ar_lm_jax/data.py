@@ -59,13 +59,13 @@ import grain
 import numpy as np
 from absl import flags as absl_flags
 
+from ar_lm_jax import batch as batch_lib
 from ar_lm_jax import chat, data_sources
 from ar_lm_jax.config import ConfigError, DataConfig
 from ar_lm_jax.data_sources import SKIP_REASONS
 from ar_lm_jax.packing import PackIterDataset
 from ar_lm_jax.tokenizer import load_tokenizer
 
-BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")  # int32 [B, T]; loss_mask: 1 = a scored target
 STATE_VERSION = 2  # 1: per-process streams (before virtual shards), not resumable here
 _REPEAT_WARN_ROWS = 16  # a source whose pass ends before a virtual shard took this many of its rows repeats within its first rows
 
@@ -108,7 +108,7 @@ def row_hashes(batch: dict[str, np.ndarray]) -> np.ndarray:
   out = np.empty(n, np.uint64)
   for r in range(n):
     h = hashlib.blake2b(digest_size=8)
-    for k in BATCH_KEYS:
+    for k in batch_lib.KEYS:
       h.update(np.ascontiguousarray(batch[k][r]).tobytes())
     out[r] = np.frombuffer(h.digest(), np.uint64)[0]
   return out
@@ -239,7 +239,7 @@ def _allgather(x: np.ndarray) -> np.ndarray:
 
 
 class TrainIterator(grain.DatasetIterator):
-  """Batches `{"tokens", "segment_ids", "positions"}` (int32 [B, T]) for one process, with metrics.
+  """Batches (`batch.KEYS`, int32 [B, T]) for one process, with metrics.
 
   `get_state()`/`set_state()` resume exactly, on any process count that divides the virtual
   shards; `stats()` reports the run's counters (they are part of the state, kept per virtual
@@ -291,7 +291,7 @@ class TrainIterator(grain.DatasetIterator):
     np.add.at(self._ends, (local, src), batch["ends"])
     self._warn_repeats(before, local, src, batch["ends"])
     self._step += 1
-    out = {k: batch[k] for k in BATCH_KEYS}
+    out = {k: batch[k] for k in batch_lib.KEYS}
     self._last_batch = out
     return out
 

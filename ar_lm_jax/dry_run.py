@@ -104,10 +104,10 @@ def dry_run(cfg: Config, *, memory_analysis: bool = True, target: Optional[str] 
   abstract, shardings = setup.abstract_state, setup.state_shardings
   mesh = {str(k): int(v) for k, v in setup.mesh.shape.items()}
   devices = setup.mesh.devices.size
-  n_params = param_count(abstract["params"])
-  param_bytes = sharding.bytes_per_device(abstract["params"], shardings["params"])
-  opt_bytes = sharding.bytes_per_device(abstract["opt_state"], shardings["opt_state"])
-  opt_total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract["opt_state"]))
+  n_params = param_count(abstract.params)
+  param_bytes = sharding.bytes_per_device(abstract.params, shardings.params)
+  opt_bytes = sharding.bytes_per_device(abstract.opt_state, shardings.opt_state)
+  opt_total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.opt_state))
   micro = cfg.data.batch_size // cfg.optim.grad_accum_steps
   report: dict[str, Any] = {
       "config": cfg.name,

@@ -45,13 +45,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ar_lm_jax import aot
+from ar_lm_jax import batch as batch_lib
 from ar_lm_jax import chat, data_sources, saved_run, sharding
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import Config, ConfigError, SourceConfig
 from ar_lm_jax.errors import UserError
 from ar_lm_jax.tokenizer import Arcade100k, load_tokenizer
-
-ROW_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 
 
 class EvalError(UserError):
@@ -66,7 +65,7 @@ class Corpus:
   tokens: int  # predictions scored
   bytes: int  # UTF-8 bytes of the predicted text (see the module docstring)
   text_bytes: int  # UTF-8 bytes of the whole NFC documents
-  rows: dict[str, np.ndarray]  # tokens/segment_ids/positions/loss_mask [R, seq_len]
+  rows: dict[str, np.ndarray]  # batch.KEYS [R, seq_len]
   skipped: Optional[dict[str, int]] = None  # conversations skipped, per reason (chat corpora)
 
 
@@ -122,7 +121,7 @@ def pack_documents(docs: Sequence[np.ndarray], seq_len: int,
       free = np.append(free, seq_len)
     placed[r].append(i)
     free[r] -= n
-  rows = {k: np.zeros((len(placed), seq_len), np.int32) for k in ROW_KEYS}
+  rows = batch_lib.zeros(len(placed), seq_len)
   for r, members in enumerate(placed):
     at = 0
     for seg, i in enumerate(members, start=1):
@@ -143,11 +142,11 @@ class Scorer:
     self.batch_rows = batch_rows
     self.seq_len = setup.cfg.data.seq_len
     self._batch_sharding = sharding.batch_sharding(setup.mesh)
-    fn = jax.jit(self._nll_sum, in_shardings=(setup.state_shardings["params"], {k: self._batch_sharding for k in ROW_KEYS}),
+    fn = jax.jit(self._nll_sum, in_shardings=(setup.state_shardings.params, {k: self._batch_sharding for k in batch_lib.KEYS}),
                  out_shardings=NamedSharding(setup.mesh, P()))
-    abstract_batch = {k: jax.ShapeDtypeStruct((batch_rows, self.seq_len), jnp.int32) for k in ROW_KEYS}
+    abstract_batch = batch_lib.abstract(batch_rows, self.seq_len)
     with setup.activate():  # compiled once, here: evaluating again never recompiles
-      self.compiled = aot.compile_fn(fn, setup.abstract_state["params"], abstract_batch)
+      self.compiled = aot.compile_fn(fn, setup.abstract_state.params, abstract_batch)
 
   def _nll_sum(self, params, batch):
     s_nll, _ = step_lib.loss_sums(self.setup.model, params, batch, self.setup.cfg)
@@ -162,7 +161,7 @@ class Scorer:
     n = rows["tokens"].shape[0]
     for start in range(0, n, B):
       batch = {}
-      for k in ROW_KEYS:
+      for k in batch_lib.KEYS:
         x = np.zeros((B, self.seq_len), np.int32)
         x[:min(B, n - start)] = rows[k][start:start + B]
         batch[k] = jax.make_array_from_callback(x.shape, self._batch_sharding, lambda idx, x=x: x[idx])

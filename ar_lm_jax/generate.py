@@ -27,7 +27,7 @@ import numpy as np
 
 from ar_lm_jax.config import ModelConfig
 from ar_lm_jax.errors import UserError
-from ar_lm_jax.model import StableLM, lm_logits
+from ar_lm_jax.model import StableLM, lm_head_kernel, lm_logits
 from ar_lm_jax.tokenizer import EOS_ID, N_MERGEABLE, N_VOCAB, load_tokenizer
 
 PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this, so nearby lengths reuse a compilation
@@ -121,7 +121,7 @@ def _generate(params, tokens_BP, segments_BP, positions_BP, lengths_B, valid_V, 
   """[B, max_new_tokens] ids, EOS-filled after a row's first EOS, and the number of decode steps run."""
   model = StableLM(cfg)
   B, P = tokens_BP.shape
-  head_DV = params["lm_head"]["kernel"]
+  head_DV = lm_head_kernel(params)
 
   def next_token(hidden_BD, rng):
     logits_BV = lm_logits(hidden_BD[:, None], head_DV, cfg.dtype)[:, 0]

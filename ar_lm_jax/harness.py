@@ -69,15 +69,16 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ar_lm_jax import aot
+from ar_lm_jax import batch as batch_lib
 from ar_lm_jax import generate as generate_lib
 from ar_lm_jax import saved_run, sharding
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import ConfigError
-from ar_lm_jax.model import StableLM, lm_logits
+from ar_lm_jax.model import StableLM, lm_head_kernel, lm_logits
 from ar_lm_jax.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
 
-ROW_KEYS = ("tokens", "segment_ids", "positions")  # [rows, T]: the packed inputs
-SCORE_KEYS = ("score_index", "score_targets")  # [rows, S]: the positions scored in each row and their next tokens
+ROW_KEYS = batch_lib.INPUT_KEYS  # [rows, T]: the packed inputs (no loss mask: the scored positions say what counts)
+SCORE_KEYS = batch_lib.SCORE_KEYS  # [rows, S]: the positions scored in each row and their next tokens
 MIN_BUCKET = 64  # shortest row length compiled; shorter requests share rows of this length
 MIN_SCORED = 8  # fewest scored positions per row compiled
 SCORE_CHUNK = 512  # scored positions of LM head + log-softmax at once: [rows, S, V] fp32 logits never exist whole
@@ -141,7 +142,7 @@ class Engine:
   def _score_fn(self, params, batch):
     hidden_BTD = self.model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"],
                                   return_hidden=True)
-    return token_scores(hidden_BTD, params["lm_head"]["kernel"], batch["score_index"], batch["score_targets"],
+    return token_scores(hidden_BTD, lm_head_kernel(params), batch["score_index"], batch["score_targets"],
                         self.model_cfg.dtype, SCORE_CHUNK)
 
   def compiled(self, length: int, scored: int):
@@ -149,13 +150,12 @@ class Engine:
     key = (length, scored)
     if key not in self._compiled:
       replicated = NamedSharding(self.setup.mesh, P())
-      fn = jax.jit(self._score_fn, in_shardings=(self.setup.state_shardings["params"],
+      fn = jax.jit(self._score_fn, in_shardings=(self.setup.state_shardings.params,
                                                  {k: self._batch_sharding for k in ROW_KEYS + SCORE_KEYS}),
                    out_shardings=(replicated, replicated))
-      abstract = {**{k: jax.ShapeDtypeStruct((self.rows, length), jnp.int32) for k in ROW_KEYS},
-                  **{k: jax.ShapeDtypeStruct((self.rows, scored), jnp.int32) for k in SCORE_KEYS}}
+      abstract = {**batch_lib.abstract(self.rows, length, ROW_KEYS), **batch_lib.abstract(self.rows, scored, SCORE_KEYS)}
       with self.setup.activate():
-        self._compiled[key] = aot.compile_fn(fn, self.setup.abstract_state["params"], abstract)
+        self._compiled[key] = aot.compile_fn(fn, self.setup.abstract_state.params, abstract)
     return self._compiled[key]
 
   # Process 0 announces every batch; the others receive it in `follow`.
@@ -289,7 +289,7 @@ def rows_of(seqs: Sequence[Sequence[int]], n_scored: Sequence[int], placed: Sequ
   seqs[i] is request i's input plus one more target; its last n_scored[i] input positions are scored.
   S is the most positions any row scores, rounded up to a power of two (at most `length`).
   """
-  out = {k: np.zeros((rows, length), np.int32) for k in ROW_KEYS}
+  out = batch_lib.zeros(rows, length, ROW_KEYS)
   segment = np.zeros(rows, np.int32)
   used = np.zeros(rows, np.int64)
   slots: dict[int, tuple[int, int]] = {}

@@ -170,12 +170,12 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     if not Path(source).is_dir():
       raise ConfigError(f"checkpoint.init_from: {source} is not a directory")
     read = saved_run.init_params if saved_run.is_our_checkpoint(source) else hf_io.load_hf_params  # ours, else HF's
-    params = read(source, cfg.model, setup.state_shardings["params"])
+    params = read(source, cfg.model, setup.state_shardings.params)
     state = step_lib.state_from_params(setup, params)
     _say(f"initialized the parameters from {cfg.checkpoint.init_from}")
   else:
     state = step_lib.init_state(setup, cfg.train.seed)
-  start_step = int(jax.device_get(state["step"]))
+  start_step = int(jax.device_get(state.step))
 
   with setup.activate():
     compiled = aot.compile_fn(step_lib.jit_train_step(setup), setup.abstract_state, step_lib.abstract_batch(cfg))
@@ -242,12 +242,12 @@ def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       if evaluator is not None and step % cfg.train.eval_every == 0:
         jax.block_until_ready(state)  # the eval waits for this step anyway; waiting here keeps its time out of t_eval
         t_eval = time.perf_counter()
-        writer.write(step, evaluator(state["params"]))
+        writer.write(step, evaluator(state.params))
         t_last += time.perf_counter() - t_eval  # keep eval time out of the next tokens_per_sec
       if harness is not None and step % cfg.train.harness_every == 0:
         jax.block_until_ready(state)
         t_harness = time.perf_counter()
-        writer.write(step, harness(state["params"], step))  # {} on processes other than 0, which only follow
+        writer.write(step, harness(state.params, step))  # {} on processes other than 0, which only follow
         t_last += time.perf_counter() - t_harness  # keep the harness's time out of the next tokens_per_sec
       if ckpt.due(step) and bad.finite_at(step, finite):
         ckpt.save(step, state, data_iter.get_state())

@@ -1,5 +1,7 @@
 """StableLM 2 decoder in Flax (Linen), exactly as transformers' `StableLmForCausalLM`.
 
+Shape letters: B batch, T tokens, S cache slots, D model, N heads, H head dim, R rotary dims, F MLP, V vocab.
+
 Pre-LayerNorm blocks with a sequential residual, q/k/v biases only, NeoX
 (rotate-half) rotary embeddings on the first `partial_rotary_factor` of each
 head's dims, SwiGLU MLP, untied LM head.
@@ -41,6 +43,11 @@ def _param(module: nn.Module, name: str, init, shape, axes, cfg: ModelConfig):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(cfg.param_dtype))
 
 
+def _weight(module: nn.Module, name: str, shape: tuple, axes: tuple):
+  """A matrix (embedding, projection, LM head) drawn from N(0, init_std^2), as every one of them is."""
+  return _param(module, name, nn.initializers.normal(module.cfg.init_std), shape, axes, module.cfg)
+
+
 class LayerNorm(nn.Module):
   """LayerNorm computed in fp32 whatever the compute dtype, optional bias."""
   cfg: ModelConfig
@@ -80,25 +87,64 @@ def apply_rotary(x_BTNH: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> j
 
 
 class _Proj(nn.Module):
-  """x @ W (+ b) with W laid out [D, N, H] (q/k/v) or [N, H, D] (o)."""
+  """x @ W (+ b) with W laid out [D, N, H] (q/k/v), [N, H, D] (o), [D, F] or [F, D] (MLP)."""
   cfg: ModelConfig
+  _: dataclasses.KW_ONLY  # the rest by name only: tuples given by position could be swapped and still trace
   shape: tuple
-  axes: tuple
-  eq: str
+  axes: tuple  # logical axis names of W, one per dim of `shape`
+  eq: str  # the einsum of x and W
   use_bias: bool = False
   bias_shape: tuple = ()
   bias_axes: tuple = ()
 
   @nn.compact
   def __call__(self, x):
-    cfg = self.cfg
-    dt = _dtype(cfg.dtype)
-    w = _param(self, "kernel", nn.initializers.normal(cfg.init_std), self.shape, self.axes, cfg)
+    dt = _dtype(self.cfg.dtype)
+    w = _weight(self, "kernel", self.shape, self.axes)
     y = jnp.einsum(self.eq, x.astype(dt), w.astype(dt))
     if self.use_bias:
-      b = _param(self, "bias", nn.initializers.zeros, self.bias_shape, self.bias_axes, cfg)
+      b = _param(self, "bias", nn.initializers.zeros, self.bias_shape, self.bias_axes, self.cfg)
       y = y + b.astype(dt)
     return y
+
+
+class Embed(nn.Module):
+  """Token ids [B, T] -> their rows of the [V, D] embedding, in the compute dtype."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT):
+    embedding_VD = _weight(self, "embedding", (self.cfg.vocab_size, self.cfg.hidden_size), ("vocab", "embed"))
+    return jnp.take(embedding_VD, tokens_BT, axis=0).astype(_dtype(self.cfg.dtype))
+
+
+def lm_logits(x_BTD: jax.Array, head_DV: jax.Array, dtype: str,
+              logical_axes: tuple = ("batch", "length", "act_vocab")) -> jax.Array:
+  """LM-head matmul on compute-dtype operands that accumulates and outputs fp32 logits.
+
+  The logits feed an fp32 softmax: rounding them to bf16 first (output in the compute
+  dtype, cast afterwards) costs up to ~0.1 nats per token at logits of magnitude ~16.
+  Any leading axes (the chunked loss passes [G, B/G, C, D]), named by `logical_axes`.
+  """
+  dt = _dtype(dtype)
+  logits_BTV = jnp.einsum("...d,dv->...v", x_BTD.astype(dt), head_DV.astype(dt), preferred_element_type=jnp.float32)
+  return nn.with_logical_constraint(logits_BTV, logical_axes)
+
+
+class LMHead(nn.Module):
+  """Hidden states [..., D] -> fp32 logits [..., V] through the untied [D, V] kernel."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    kernel_DV = _weight(self, "kernel", (self.cfg.hidden_size, self.cfg.vocab_size), ("embed", "vocab"))
+    return lm_logits(x_BTD, kernel_DV, self.cfg.dtype)
+
+
+def lm_head_kernel(params) -> jax.Array:
+  """The LM head's [D, V] kernel in a params tree, for the callers that apply it outside the model: the
+  chunked loss, the harness at its scored positions, and decoding one position at a time."""
+  return params["lm_head"]["kernel"]
 
 
 class SelfAttention(nn.Module):
@@ -110,7 +156,8 @@ class SelfAttention(nn.Module):
     D, N, H = cfg.hidden_size, cfg.num_heads, cfg.head_dim
 
     def qkv(name):
-      return _Proj(cfg, (D, N, H), ("embed", "heads", "head_dim"), "btd,dnh->btnh", cfg.qkv_bias, (N, H), ("heads", "head_dim"), name=name)(x_BTD)
+      return _Proj(cfg, shape=(D, N, H), axes=("embed", "heads", "head_dim"), eq="btd,dnh->btnh", use_bias=cfg.qkv_bias,
+                   bias_shape=(N, H), bias_axes=("heads", "head_dim"), name=name)(x_BTD)
 
     q_BTNH, k_BTNH, v_BTNH = qkv("q_proj"), qkv("k_proj"), qkv("v_proj")
     cos, sin = rotary_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta)
@@ -126,7 +173,7 @@ class SelfAttention(nn.Module):
       attn_cfg = dataclasses.replace(cfg, attention="xla") if self.is_initializing() else cfg
       out_BTNH = attention_lib.attend(q_BTNH, k_BTNH, v_BTNH, segment_ids_BT, attn_cfg)
     out_BTNH = checkpoint_name(out_BTNH, "attn_out")
-    return _Proj(cfg, (N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", name="o_proj")(out_BTNH)
+    return _Proj(cfg, shape=(N, H, D), axes=("heads", "head_dim", "embed"), eq="btnh,nhd->btd", name="o_proj")(out_BTNH)
 
   def _attend_cached(self, q_BTNH, k_BTNH, v_BTNH, segment_ids_BT):
     """Decoding: writes this call's keys/values at cache slot `index`, then attends over the whole cache.
@@ -158,11 +205,11 @@ class MLP(nn.Module):
   def __call__(self, x_BTD):
     cfg = self.cfg
     D, F = cfg.hidden_size, cfg.intermediate_size
-    gate_BTF = _Proj(cfg, (D, F), ("embed", "mlp"), "btd,df->btf", name="gate_proj")(x_BTD)
-    up_BTF = _Proj(cfg, (D, F), ("embed", "mlp"), "btd,df->btf", name="up_proj")(x_BTD)
+    gate_BTF = _Proj(cfg, shape=(D, F), axes=("embed", "mlp"), eq="btd,df->btf", name="gate_proj")(x_BTD)
+    up_BTF = _Proj(cfg, shape=(D, F), axes=("embed", "mlp"), eq="btd,df->btf", name="up_proj")(x_BTD)
     h_BTF = nn.silu(gate_BTF) * up_BTF
     h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "act_mlp"))
-    out_BTD = _Proj(cfg, (F, D), ("mlp", "embed"), "btf,fd->btd", name="down_proj")(h_BTF)
+    out_BTD = _Proj(cfg, shape=(F, D), axes=("mlp", "embed"), eq="btf,fd->btd", name="down_proj")(h_BTF)
     return checkpoint_name(out_BTD, "mlp_out")
 
 
@@ -236,41 +283,6 @@ class StableLM(nn.Module):
     if return_hidden:
       return x_BTD
     return LMHead(cfg, name="lm_head")(x_BTD)
-
-
-class Embed(nn.Module):
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, tokens_BT):
-    cfg = self.cfg
-    embedding_VD = _param(self, "embedding", nn.initializers.normal(cfg.init_std),
-                          (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
-    return jnp.take(embedding_VD, tokens_BT, axis=0).astype(_dtype(cfg.dtype))
-
-
-class LMHead(nn.Module):
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BTD):
-    cfg = self.cfg
-    kernel_DV = _param(self, "kernel", nn.initializers.normal(cfg.init_std),
-                       (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
-    return lm_logits(x_BTD, kernel_DV, cfg.dtype)
-
-
-def lm_logits(x_BTD: jax.Array, head_DV: jax.Array, dtype: str,
-              logical_axes: tuple = ("batch", "length", "act_vocab")) -> jax.Array:
-  """LM-head matmul on compute-dtype operands that accumulates and outputs fp32 logits.
-
-  The logits feed an fp32 softmax: rounding them to bf16 first (output in the compute
-  dtype, cast afterwards) costs up to ~0.1 nats per token at logits of magnitude ~16.
-  Any leading axes (the chunked loss passes [G, B/G, C, D]), named by `logical_axes`.
-  """
-  dt = _dtype(dtype)
-  logits_BTV = jnp.einsum("...d,dv->...v", x_BTD.astype(dt), head_DV.astype(dt), preferred_element_type=jnp.float32)
-  return nn.with_logical_constraint(logits_BTV, logical_axes)
 
 
 def param_count(params) -> int:

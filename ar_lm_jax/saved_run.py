@@ -288,7 +288,7 @@ def for_devices(cfg: config_lib.Config, num_devices: int, batch_rows: Optional[i
 @dataclasses.dataclass
 class LoadedRun:
   setup: step_lib.Setup  # the run's model and shardings, fitted to these devices
-  params: Any  # placed in setup.state_shardings["params"]
+  params: Any  # placed in setup.state_shardings.params
   step: int  # the checkpoint's step
   directory: Path  # the orbax checkpoints folder it came from
 
@@ -299,5 +299,5 @@ def load_run(workdir: Optional[str] = None, checkpoint: Optional[str] = None, st
   directory, step = checkpoint_location(workdir, checkpoint, step)
   step, cfg = saved_config(directory, step)
   setup = step_lib.build(for_devices(cfg, jax.device_count(), batch_rows))
-  params = restore_params(directory, step, setup.cfg, setup.state_shardings["params"])
+  params = restore_params(directory, step, setup.cfg, setup.state_shardings.params)
   return LoadedRun(setup, params, step, directory)

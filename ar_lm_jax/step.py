@@ -12,17 +12,31 @@ import math
 from typing import Any, Callable
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ar_lm_jax import batch as batch_lib
 from ar_lm_jax import loss as loss_lib
 from ar_lm_jax import optim, sharding
 from ar_lm_jax.config import Config
-from ar_lm_jax.model import StableLM, abstract_params
+from ar_lm_jax.model import StableLM, abstract_params, lm_head_kernel
 
-State = dict  # {"step", "params", "opt_state", "skipped_steps"}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What the train step reads and returns: a pytree, of arrays (or, in `Setup`, of their shapes and shardings).
+
+  The checkpoint's "state" item is this tree, its arrays named by the field names
+  (`params.layers...`, `opt_state.1.mu...`, `step`): renaming a field breaks every saved run.
+  """
+  step: Any  # int32 []: updates applied, skipped ones included
+  params: Any  # the model's parameters, unboxed (model.py's tree)
+  opt_state: Any  # optim.build_optimizer's optax state
+  skipped_steps: Any  # int32 []: updates left out because the loss or gradient was not finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +47,8 @@ class Setup:
   model: StableLM
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  abstract_state: State  # ShapeDtypeStructs
-  state_shardings: State  # NamedShardings, same structure
+  abstract_state: TrainState  # of ShapeDtypeStructs
+  state_shardings: TrainState  # of NamedShardings
   grad_shardings: Any = None  # NamedShardings of the gradients, shaped like params: the moments' layout (ZeRO-1)
 
   @contextlib.contextmanager
@@ -58,32 +72,30 @@ def build(cfg: Config, devices=None) -> Setup:
   grad_sh = sharding.moment_shardings(params_sh, params_abs, mesh, cfg.mesh.shard_optimizer_over_data)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   replicated = NamedSharding(mesh, P())
-  abstract_state = {"step": scalar, "params": params_abs, "opt_state": opt_abs, "skipped_steps": scalar}
-  state_shardings = {"step": replicated, "params": params_sh, "opt_state": opt_sh, "skipped_steps": replicated}
+  abstract_state = TrainState(step=scalar, params=params_abs, opt_state=opt_abs, skipped_steps=scalar)
+  state_shardings = TrainState(step=replicated, params=params_sh, opt_state=opt_sh, skipped_steps=replicated)
   return Setup(cfg, mesh, model, tx, schedule, abstract_state, state_shardings, grad_sh)
 
 
-def init_state(setup: Setup, seed: int) -> State:
+def _step_zero(params: Any, tx: optax.GradientTransformation) -> TrainState:
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped_steps=zero)
+
+
+def init_state(setup: Setup, seed: int) -> TrainState:
   """Initializes parameters and optimizer state directly into their shardings."""
-  cfg = setup.cfg
 
   def init_fn(key):
     tokens = jnp.zeros((1, 8), jnp.int32)
-    params = nn.meta.unbox(setup.model.init(key, tokens)["params"])
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": setup.tx.init(params),
-            "skipped_steps": jnp.zeros((), jnp.int32)}
+    return _step_zero(nn.meta.unbox(setup.model.init(key, tokens)["params"]), setup.tx)
 
   return jax.jit(init_fn, out_shardings=setup.state_shardings)(jax.random.key(seed))
 
 
-def state_from_params(setup: Setup, params: Any) -> State:
+def state_from_params(setup: Setup, params: Any) -> TrainState:
   """A fresh step-0 state around given parameters (e.g. loaded from Hugging Face), placed in the run's shardings."""
-  params = jax.device_put(params, setup.state_shardings["params"])
-
-  def fn(params):
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": setup.tx.init(params),
-            "skipped_steps": jnp.zeros((), jnp.int32)}
-
+  params = jax.device_put(params, setup.state_shardings.params)
+  fn = functools.partial(_step_zero, tx=setup.tx)
   return jax.jit(fn, out_shardings=setup.state_shardings, donate_argnums=0)(params)
 
 
@@ -94,7 +106,7 @@ def loss_sums(model: StableLM, params, batch: dict, cfg: Config):
   # The chunked loss keeps one LM-head gradient partial per data shard, reduced once after its loop
   # (gcd: a batch that does not divide over `data`, e.g. an eval batch, still gets a valid grouping).
   groups = math.gcd(dict(jax.sharding.get_abstract_mesh().shape).get(sharding.DATA, 1), batch["tokens"].shape[0])
-  return loss_lib.nll_sums(hidden_BTD, params["lm_head"]["kernel"], targets_BT, mask_BT, cfg.model.dtype, cfg.train.loss_chunk_size,
+  return loss_lib.nll_sums(hidden_BTD, lm_head_kernel(params), targets_BT, mask_BT, cfg.model.dtype, cfg.train.loss_chunk_size,
                            z_grad=cfg.optim.z_loss > 0, grad_groups=groups)
 
 
@@ -135,8 +147,8 @@ def loss_and_grads(params, batch: dict, *, model: StableLM, cfg: Config):
   return s_nll / n_tokens, grads, n_tokens
 
 
-def train_step(state: State, batch: dict, *, model: StableLM, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, cfg: Config, grad_shardings: Any = None) -> tuple[State, dict]:
+def train_step(state: TrainState, batch: dict, *, model: StableLM, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, cfg: Config, grad_shardings: Any = None) -> tuple[TrainState, dict]:
   """One optimizer update; a pure function of (state, batch).
 
   A step whose loss or gradient is not finite leaves params and optimizer state
@@ -149,24 +161,20 @@ def train_step(state: State, batch: dict, *, model: StableLM, tx: optax.Gradient
   directly), the global norm and the AdamW update are computed on the shards, and
   only the new parameters are all-gathered, once per leaf after its update.
   """
-  params = state["params"]
+  params = state.params
   loss, grads, n_tokens = loss_and_grads(params, batch, model=model, cfg=cfg)
   if grad_shardings is not None:
     grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
   grad_norm = optax.tree.norm(grads)
-  step = state["step"] + 1
-  updates, new_opt_state = tx.update(grads, state["opt_state"], params, step=step)
+  step = state.step + 1
+  updates, new_opt_state = tx.update(grads, state.opt_state, params, step=step)
   new_params = optax.apply_updates(params, updates)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-  new_state = {
-      "step": state["step"] + 1,
-      "params": keep(new_params, params),
-      "opt_state": keep(new_opt_state, state["opt_state"]),
-      "skipped_steps": state["skipped_steps"] + (1 - ok.astype(jnp.int32)),
-  }
+  new_state = TrainState(step=step, params=keep(new_params, params), opt_state=keep(new_opt_state, state.opt_state),
+                         skipped_steps=state.skipped_steps + (1 - ok.astype(jnp.int32)))
   metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step), "tokens": n_tokens,
-             "finite": ok, "skipped_steps": new_state["skipped_steps"]}
+             "finite": ok, "skipped_steps": new_state.skipped_steps}
   return new_state, metrics
 
 
@@ -183,5 +191,5 @@ def jit_train_step(setup: Setup) -> Callable:
 
 
 def abstract_batch(cfg: Config) -> dict:
-  shape = (cfg.data.batch_size, cfg.data.seq_len)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+  """The train step's batch (`batch.KEYS`, data.batch_size x data.seq_len) as ShapeDtypeStructs, to compile it ahead of time."""
+  return batch_lib.abstract(cfg.data.batch_size, cfg.data.seq_len)

@@ -241,14 +241,39 @@ def test_params_only_checkpoint_is_refused_for_resume(small, tmp_path):
   cfg, setup, state, host = small
   ck = ckpt_lib.Checkpointer(tmp_path, cfg)  # as the HF import writes it: host arrays, no optimizer or data state
   for step in (0, 1):
-    ck.save(step, {"step": np.zeros((), np.int32), "params": jax.tree.map(lambda x: x + step, host["params"])})
+    ck.save(step, {"step": np.zeros((), np.int32), "params": jax.tree.map(lambda x: x + step, host.params)})
   ck.close()
-  assert_same_tree(saved_run.restore_params(tmp_path, 0, cfg), host["params"])
+  assert_same_tree(saved_run.restore_params(tmp_path, 0, cfg), host.params)
   with pytest.raises(ckpt_lib.CheckpointError, match="params-only checkpoint"):
     ckpt_lib.Checkpointer(tmp_path, cfg).restore_latest(setup.abstract_state, setup.state_shardings)
   damage(tmp_path / "0", "mixed_copy")
   with pytest.raises(ckpt_lib.CheckpointError, match="param array.* differ from the fingerprint"):
     saved_run.restore_params(tmp_path, 0, cfg)
+
+
+def test_train_state_is_saved_under_the_names_of_the_dict_state(small, tmp_path):
+  # Runs saved when the state was a dict {"step", "params", "opt_state", "skipped_steps"} must resume, and
+  # readers of the files (hf_io, restore_params) must find the same array names and fingerprint keys.
+  cfg, setup, state, host = small
+  as_dict = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  for directory, saved in (("dict", as_dict), ("typed", state)):
+    ck = ckpt_lib.Checkpointer(tmp_path / directory, cfg)
+    ck.save(1, saved, {"row": 1})
+    ck.close()
+  names = {}
+  for directory in ("dict", "typed"):
+    step_dir = tmp_path / directory / "1"
+    meta = json.loads((step_dir / "state" / "_METADATA").read_text())["tree_metadata"]
+    fingerprint = json.loads((step_dir / "fingerprint" / "metadata").read_text())
+    names[directory] = (meta, fingerprint)
+    restored = ckpt_lib.Checkpointer(tmp_path / directory, cfg).restore_latest(setup.abstract_state, setup.state_shardings)
+    assert isinstance(restored.state, step_lib.TrainState)
+    assert_same_tree(restored.state, host)
+  assert names["dict"] == names["typed"]
+  meta, fingerprint = names["typed"]
+  assert {"('step',)", "('skipped_steps',)", "('params', 'layers', 'self_attn', 'o_proj', 'kernel')",
+          "('opt_state', '1', 'mu', 'lm_head', 'kernel')"} <= set(meta)
+  assert {"step", "skipped_steps", "params/lm_head/kernel", "opt_state/1/nu/lm_head/kernel"} <= set(fingerprint)
 
 
 def test_keep_every_must_be_a_multiple_of_every_steps():
@@ -289,12 +314,12 @@ for name, (data, model, devices) in {"8x1": (8, 1, jax.devices()), "1": (1, 1, j
   assert_same_tree(r.state, host)
   want = jax.tree.leaves(dst.state_shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
   assert all(x.sharding.is_equivalent_to(w, x.ndim) for x, w in zip(jax.tree.leaves(r.state), want))
-  q = r.state["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
-  mu = r.state["opt_state"][1].mu["lm_head"]["kernel"]
+  q = r.state.params["layers"]["self_attn"]["q_proj"]["kernel"]
+  mu = r.state.opt_state[1].mu["lm_head"]["kernel"]
   out[name] = {"devices": len(q.sharding.device_set), "q_spec": spec(q), "mu_spec": spec(mu)}
-q0 = state["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+q0 = state.params["layers"]["self_attn"]["q_proj"]["kernel"]
 out["4x2"] = {"devices": len(q0.sharding.device_set), "q_spec": spec(q0),
-              "mu_spec": spec(state["opt_state"][1].mu["lm_head"]["kernel"])}
+              "mu_spec": spec(state.opt_state[1].mu["lm_head"]["kernel"])}
 print(json.dumps(out))
 """
 

@@ -104,7 +104,7 @@ STEP_REPORT = textwrap.dedent("""
         compiled = step_lib.jit_train_step(setup).lower(setup.abstract_state, step_lib.abstract_batch(cfg)).compile()
       r = collectives.collective_report(compiled)
       out[name] = {"bytes": r.bytes_per_device, "in_chunk_loop": [c.op_name for c in r.inside(loss.LOOP_SCOPE)],
-                    "grad_bytes": 4 * param_count(setup.abstract_state["params"]), "unknown": r.unknown_trip_counts}
+                    "grad_bytes": 4 * param_count(setup.abstract_state.params), "unknown": r.unknown_trip_counts}
     print(json.dumps(out))
 """)
 

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from ar_lm_jax import batch as batch_lib
 from ar_lm_jax import cli, data
 from ar_lm_jax.config import Config, ConfigError, DataConfig, MixtureStage, SourceConfig, apply_overrides
 from ar_lm_jax.prepare_data import prepare_data
@@ -61,7 +62,7 @@ def batches(it, n):
 def assert_same(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    assert x.keys() == y.keys() == set(data.BATCH_KEYS)
+    assert x.keys() == y.keys() == set(batch_lib.KEYS)
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ar_lm_jax import batch as batch_lib
 from ar_lm_jax import data
 from ar_lm_jax.config import ConfigError, DataConfig, MixtureStage, SourceConfig
 
@@ -48,7 +49,7 @@ def global_batches(its, n):
   out = []
   for _ in range(n):
     parts = [next(it) for it in its]
-    out.append({k: np.concatenate([p[k] for p in parts]) for k in data.BATCH_KEYS})
+    out.append({k: np.concatenate([p[k] for p in parts]) for k in batch_lib.KEYS})
   return out
 
 
@@ -60,7 +61,7 @@ def close(its):
 def assert_same(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    for k in data.BATCH_KEYS:
+    for k in batch_lib.KEYS:
       np.testing.assert_array_equal(x[k], y[k])
 
 

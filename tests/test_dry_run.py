@@ -159,5 +159,5 @@ def test_splash_config_builds_and_inits_off_tpu():
   assert report["params"] == 12_946_432 and report["attention"] == "splash"
   setup = step_lib.build(cfg)
   state = jax.eval_shape(lambda: step_lib.init_state(setup, 0))
-  assert jax.tree.map(lambda x: (x.shape, x.dtype), state["params"]) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), setup.abstract_state["params"])
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), state.params) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), setup.abstract_state.params)

@@ -177,7 +177,7 @@ def test_in_training_evaluator_scores_the_first_documents_like_the_command(workd
   run = RUN.replace(data=dataclasses.replace(RUN.data, eval_sources=sources), train=TrainConfig(steps=1, eval_max_docs=n))
   cfg = saved_run.for_devices(run, jax.device_count())
   setup = step_lib.build(cfg)
-  params = saved_run.restore_params(workdir / "checkpoints", 0, cfg, setup.state_shardings["params"])
+  params = saved_run.restore_params(workdir / "checkpoints", 0, cfg, setup.state_shardings.params)
   evaluator = ev.TrainEvaluator(setup)
   got = evaluator(params)
   assert got == evaluator(params)  # the second call reuses everything, bit for bit

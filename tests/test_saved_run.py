@@ -52,11 +52,11 @@ def test_saved_config_and_params_only_reads(small, tmp_path):  # noqa: F811 (the
   assert saved_run.saved_config(tmp_path, 5) == (5, cfg)
   with pytest.raises(CheckpointError, match="no checkpoint of step 6"):
     saved_run.saved_config(tmp_path, 6)
-  want = jax.device_get(variant(state, 7))["params"]
+  want = jax.device_get(variant(state, 7)).params
   on_host = saved_run.restore_params(tmp_path, 7, cfg)
   assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(on_host))
   assert_same_tree(on_host, want)
-  sharded = saved_run.restore_params(tmp_path, 7, cfg, setup.state_shardings["params"])
+  sharded = saved_run.restore_params(tmp_path, 7, cfg, setup.state_shardings.params)
   assert_same_tree(sharded, want)
 
 

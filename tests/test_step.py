@@ -51,7 +51,7 @@ def test_grad_accumulation_equals_one_large_batch():
   accum = apply_overrides(base, {"optim.grad_accum_steps": "4"})
   batch = packed_batch(8, 64, 1000, seed=1)
   setup = step_lib.build(base, jax.devices()[:1])
-  params = step_lib.init_state(setup, seed=0)["params"]
+  params = step_lib.init_state(setup, seed=0).params
   results = []
   for cfg in (base, accum):
     fn = jax.jit(functools.partial(step_lib.loss_and_grads, model=setup.model, cfg=cfg))
@@ -81,12 +81,12 @@ def test_non_finite_step_is_skipped():
   cfg = apply_overrides(load_config("tiny"), {"data.seq_len": "32", "data.batch_size": "2"})
   setup = step_lib.build(cfg, jax.devices()[:1])
   state = step_lib.init_state(setup, seed=0)
-  before = jax.device_get(state["params"])
+  before = jax.device_get(state.params)
   # Poison one weight: the loss becomes NaN, so the update must leave params and moments alone.
   poisoned = jax.tree.map(lambda x: x, state)
   emb = np.asarray(before["embed_tokens"]["embedding"]).copy()
   emb[5, 0] = np.nan
-  poisoned["params"]["embed_tokens"]["embedding"] = jax.device_put(emb, setup.state_shardings["params"]["embed_tokens"]["embedding"])
+  poisoned.params["embed_tokens"]["embedding"] = jax.device_put(emb, setup.state_shardings.params["embed_tokens"]["embedding"])
   batch = packed_batch(2, 32, 1000)
   batch["tokens"][0, 3] = 5
   step = step_lib.jit_train_step(setup)
@@ -94,9 +94,9 @@ def test_non_finite_step_is_skipped():
     new, m = step(poisoned, sharding.global_batch(batch, setup.mesh))
   m = jax.device_get(m)
   assert not bool(m["finite"]) and int(m["skipped_steps"]) == 1
-  after = jax.device_get(new["params"])
+  after = jax.device_get(new.params)
   np.testing.assert_array_equal(after["lm_head"]["kernel"], before["lm_head"]["kernel"])
-  assert int(new["step"]) == 1
+  assert int(new.step) == 1
 
 
 @pytest.fixture(scope="module")
@@ -161,23 +161,23 @@ def test_skipped_steps_do_not_shift_the_lr_schedule(monkeypatch):
   state = step_lib.init_state(setup, seed=0)
   step = step_lib.jit_train_step(setup)
   o = cfg.optim
-  mask = optim.decay_mask(state["params"], o.decay_embeddings)
+  mask = optim.decay_mask(state.params, o.decay_embeddings)
   with setup.activate():
     for s in range(1, 9):
       batch = packed_batch(2, 32, 1000, seed=s)
       if s in bad_steps:
         batch["positions"][0, 0] = -1
-      before = jax.device_get(state["params"])
+      before = jax.device_get(state.params)
       state, m = step(state, sharding.global_batch(batch, setup.mesh))
       m = jax.device_get(m)
       assert bool(m["finite"]) == (s not in bad_steps) and int(m["skipped_steps"]) == len(bad_steps & set(range(s + 1)))
       assert m["lr"] == pytest.approx(float(schedule(s)), rel=1e-6, abs=0)
       if s in bad_steps:
         continue
-      adam = jax.device_get(state["opt_state"][1])
+      adam = jax.device_get(state.opt_state[1])
       c = int(adam.count)
       num = den = 0.0
-      for p, p_new, mu, nu, dec in zip(*(jax.tree.leaves(t) for t in (before, state["params"], adam.mu, adam.nu, mask))):
+      for p, p_new, mu, nu, dec in zip(*(jax.tree.leaves(t) for t in (before, state.params, adam.mu, adam.nu, mask))):
         p, mu, nu = (np.asarray(x, np.float64) for x in (p, mu, nu))
         d = (mu / (1 - o.b1 ** c)) / (np.sqrt(nu / (1 - o.b2 ** c)) + o.eps) + (o.weight_decay * p if dec else 0.0)
         num -= float(np.sum((np.asarray(jax.device_get(p_new), np.float64) - p) * d))

@@ -325,3 +325,56 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs):
   # Only process 0 reports: its summary is the last line; process 1 prints nothing of its own.
   assert last_json(out["process 0"])["steps"] == 5
   assert "metrics:" not in out["process 1"] and "train step compiled" not in out["process 1"]
+
+
+# ---------------------------------------------------------------------------
+# FSDP in the compiled step: per-layer gathers and reductions inside the scanned layer's loop.
+
+FSDP_COLLECTIVES = """
+import json
+from ar_lm_jax import cli, collectives
+from ar_lm_jax import step as step_lib
+cfg, _ = cli.parse_args(cli.make_parser("fsdp"), ["--config=tiny", "--config.mesh.data=8", "--config.mesh.fsdp=true",
+                                                  "--config.model.num_layers=4", "--config.data.seq_len=32",
+                                                  "--config.model.dtype=bfloat16"])
+setup = step_lib.build(cfg)
+with setup.activate():
+  compiled = step_lib.jit_train_step(setup).lower(setup.abstract_state, step_lib.abstract_batch(cfg)).compile()
+print(json.dumps([[c.kind, c.operand_bytes, c.result_bytes, c.trips, list(c.loops), c.op_name]
+                  for c in collectives.collective_report(compiled).collectives]))
+"""
+
+
+def test_fsdp_gathers_and_reduces_each_layer_inside_the_layer_loop():
+  """FSDP on 8 CPU devices: each layer's weights are all-gathered inside the scanned layer's loop
+  (again in the backward loop, for the rematerialized forward), and each layer's weight gradients are
+  reduced there too. So no chip ever holds every layer's gathered weights, nor unsharded gradients of
+  the stack: on XLA:TPU the recipe's buffer assignment has no full-width weight or gradient of any
+  layer (docs/tpu.md). A hoisted gather (before the loop: [L, D, F] on every chip) fails this."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", FSDP_COLLECTIVES], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  colls = json.loads(proc.stdout.strip().splitlines()[-1])
+  m = tiny().model
+  L, D, F, NH = 4, m.hidden_size, m.intermediate_size, m.num_heads * m.head_dim
+  forward, backward = "jvp(StableLM)/while", "transpose(jvp(StableLM))/while"
+  # bf16 bytes of one layer's matrix, gathered: q/k/v/o are [D, N*H], gate/up/down [D, F].
+  matrices = {"q_proj": D * NH, "k_proj": D * NH, "v_proj": D * NH, "o_proj": NH * D,
+              "gate_proj": D * F, "up_proj": D * F, "down_proj": F * D}
+  for loop in (forward, backward):
+    for name, n in matrices.items():
+      gathers = [c for c in colls if c[0] == "all-gather" and f"/{name}/" in c[5] and c[4] and c[4][-1].endswith(loop)]
+      assert len(gathers) == 1, (loop, name, gathers)
+      _, operand, result, trips, _, _ = gathers[0]
+      # One layer's matrix from its 8 shards, once per layer. XLA:CPU gathers the fp32 shard and casts after
+      # (4 bytes a weight); XLA:TPU casts the shards to bf16 before the layer loop and gathers bf16.
+      assert (result, operand, trips) == (4 * n, 4 * n // 8, L), (loop, name, gathers[0])
+  # Nothing of the layer stack is gathered outside the loops (the embedding and LM head are not in the stack).
+  assert not [c for c in colls if c[0] == "all-gather" and not c[4] and "/layers/" in c[5]]
+  # Each layer's fp32 weight gradients (7 matrices) are reduced in the backward loop, once per layer.
+  reduced = sum(c[1] for c in colls if c[0] in ("all-reduce", "reduce-scatter") and c[4] and c[4][-1].endswith(backward)
+                and c[3] == L)
+  assert reduced >= 4 * sum(matrices.values())
+  # ... and none of the layers' matrices is reduced after the loop (the LM head's gradient is, once).
+  assert not [c for c in colls if c[0] in ("all-reduce", "reduce-scatter") and not c[4] and "/layers/" in c[5]]

@@ -87,7 +87,10 @@ def test_tiny_compiles_for_v5litepod_8_and_xla_counts_our_shards():
   state = report["param_bytes_per_device"] + report["opt_state_bytes_per_device"] + 8
   assert state + 1 * 128 * 3 * 4 <= mem["argument"] < 1.01 * (state + 1 * 128 * 3 * 4)
   assert state <= mem["alias"] < 1.01 * state  # the state is donated
-  assert report["peak_bytes_per_device"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+  # The verdict's peak is the compiler's own peak of live bytes; the plain sum of arguments and temp_size
+  # is kept beside it (on the FSDP recipe XLA:TPU's temp_size overstates the peak by 4.6 GiB: docs/tpu.md).
+  assert report["peak_bytes_per_device"] == mem["compiler_peak"] > 0
+  assert mem["sum_estimate"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
   assert report["compile_s"] == {"train": mem["compile_s"], "eval": report["eval_memory"]["compile_s"]}
   eval_args = report["param_bytes_per_device"] + 1 * 128 * 3 * 4  # params + batch
   assert eval_args <= report["eval_memory"]["argument"] < 1.01 * eval_args
@@ -151,7 +154,7 @@ def test_recipe_batch_on_v5litepod_16_without_fsdp_does_not_fit():
 
 
 @pytest.mark.skipif(not os.environ.get("AR_LM_SLOW_TESTS"), reason="compiles the full recipe with splash for 16 chips (minutes)")
-def test_fsdp_lowers_the_recipe_peak_on_v5litepod_16():
+def test_fsdp_makes_the_recipe_fit_on_v5litepod_16():
   _, out, _ = dry_run(*RECIPE_ON_V5E_16, "--config.mesh.fsdp=false", timeout=1800)
   replicated = json.loads(out.strip().splitlines()[-1])
   code, out, err = dry_run(*RECIPE_ON_V5E_16, "--config.mesh.fsdp=true", timeout=1800)
@@ -162,9 +165,13 @@ def test_fsdp_lowers_the_recipe_peak_on_v5litepod_16():
   L, D = 24, 2048
   whole = 4 * (L * 2 * 2 * D + 2 * D + L * 3 * D)
   assert sharded["param_bytes_per_device"] == (replicated["param_bytes_per_device"] - whole) // 16 + whole
-  # libtpu 0.0.42: 18.50 GiB (refused) -> 16.17 GiB (1.15 GiB of arguments + 15.01 GiB of temporaries):
-  # lower, and still over a v5e chip's 15.75 GiB (docs/tpu.md).
-  assert sharded["peak_bytes_per_device"] < replicated["peak_bytes_per_device"]
-  assert code == 1 and sharded["fits"] is False and sharded["peak_bytes_per_device"] > sharded["hbm_bytes_per_device"]
+  # libtpu 0.0.42: replicated, XLA:TPU refuses the step (18.51 GiB: 6.90 of inputs + 11.61 of temporaries,
+  # 6.13 of them the fp32 gradients); with FSDP it compiles with a peak of 11.05 GiB per chip.
+  assert replicated["memory"]["out_of_memory"] and replicated["fits"] is False
+  assert code == 0, err[-3000:]
+  assert sharded["fits"] is True and sharded["peak_bytes_per_device"] < 0.75 * sharded["hbm_bytes_per_device"]
+  assert sharded["peak_bytes_per_device"] < replicated["peak_bytes_per_device"] - 6 * 2**30
+  # What the verdict used to add up, arguments + temp_size (16.17 GiB), exceeds HBM: temp_size is not a peak.
+  assert sharded["memory"]["sum_estimate"] > sharded["hbm_bytes_per_device"]
   for r in (replicated, sharded):  # the forward-only eval step fits either way
     assert r["eval_peak_bytes_per_device"] < r["hbm_bytes_per_device"]

@@ -25,7 +25,9 @@ class Compiled:
   """A compiled function with what compiling it told us; calling it calls the compiled function."""
   compiled: jax.stages.Compiled
   compile_s: float  # lowering and compiling, seconds
-  memory: Optional[dict[str, int]]  # per-device bytes by MEMORY_KINDS, plus peak_estimate; None where the backend gives none
+  # Per-device bytes by MEMORY_KINDS, plus peak_estimate and compiler_peak (the backend's own
+  # peak_memory_in_bytes, 0 if it gives none); None where the backend gives no analysis.
+  memory: Optional[dict[str, int]]
 
   def __call__(self, *args, **kwargs):
     return self.compiled(*args, **kwargs)

@@ -15,7 +15,11 @@ Why v6e-16: the dry run (libtpu 0.0.42 on a CPU host; docs/tpu.md has the whole 
 - v5p-16 (8 chips, 12 sequences each) fits too, with more room (train step 38.00 GiB of
   95.74 GiB), at a quarter of the compute: 8 x 459 against 16 x 918 TFLOP/s bf16, about
   16 H100s' 15.8 PFLOP/s. Run it with --config.mesh.data=8.
-- 16 v5e chips do not fit the card's batch, with or without FSDP (docs/tpu.md).
+- 16 v5e chips (v5litepod-16) fit the card's batch only with FSDP (--config.mesh.fsdp=true): the
+  compiler's peak is 11.05 GiB of 15.75 GiB per chip; without FSDP XLA:TPU refuses it at
+  18.51 GiB. A TPU target's verdict uses the compiler's peak (peak_memory_in_bytes); the v6e-16
+  and v5p-16 figures above are the older, larger sum of arguments and temporaries (v5p-16's
+  compiler peak is 28.14 GiB), so they overstate what a chip holds (docs/tpu.md).
 
   python -m experiments.train --config=ar_stablelm_2_1_6b_tpu --dry_run --target=v6e-16
 """

@@ -158,6 +158,7 @@ def test_tpu_peaks_for_mfu_come_from_the_chip_table():
     assert perf.peak_flops_for_kind(chip.device_kind) == chip.peak_bf16_flops, chip
 
 
+@pytest.mark.devices(1)  # mesh.data=1: a one-device process (conftest.py gives the tests 8)
 def test_splash_config_builds_and_inits_off_tpu():
   """Init traces a [1, 8] batch, which splash's 128-row tiles cannot cover: building must not call the kernel."""
   from ar_lm_jax import step as step_lib

@@ -13,6 +13,8 @@ from ar_lm_jax import cli, loop
 from ar_lm_jax.config import apply_overrides, load_config
 from ar_lm_jax.metrics import MetricsWriter
 
+pytestmark = pytest.mark.devices(1)  # a one-device process: loop.run and evaluate.load_run take every device they see
+
 
 def rows(workdir: Path) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

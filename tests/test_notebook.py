@@ -12,6 +12,8 @@ from ar_lm_jax import loop
 from ar_lm_jax.config import (REPO_ROOT, CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, PhaseConfig,
                               TrainConfig)
 
+pytestmark = pytest.mark.devices(1)  # a one-device process: loop.run and evaluate.load_run take every device they see
+
 NOTEBOOK = REPO_ROOT / "notebooks" / "evaluate.ipynb"
 EVAL_KEYS = ("eval/en/loss", "eval/ar/loss", "eval/en/bpb", "eval/ar/bpb")
 

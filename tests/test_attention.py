@@ -217,8 +217,8 @@ def _cudnn_by_offsets(q, k, v, q_seqlen, kv_seqlen, q_offsets, kv_offsets, *, sc
   assert qkv_layout == "BTNH" and mask_type.name == "CAUSAL" and scale == q.shape[-1] ** -0.5
   t_T = jnp.arange(q.shape[1])
   start_BM, n_BM = q_offsets[:, :-1], q_seqlen
-  inside_BMT = (t_T >= start_BM[..., None]) & (t_T < (start_BM + n_BM)[..., None]) & (n_BM[..., None] > 0)
-  doc_BT = jnp.where(inside_BMT.any(1), jnp.argmax(inside_BMT, axis=1), -1 - t_T)  # a token no document covers sees itself only
+  inside_BMT = (t_T[None, None] >= start_BM[..., None]) & (t_T[None, None] < (start_BM + n_BM)[..., None]) & (n_BM[..., None] > 0)
+  doc_BT = jnp.where(inside_BMT.any(1), jnp.argmax(inside_BMT, axis=1), -1 - t_T[None])  # a token no document covers sees itself only
   return attention.xla_attention(q, k, v, doc_BT)
 
 
@@ -299,6 +299,7 @@ def test_auto_resolves_to_the_flash_kernel_of_each_platform():
     assert {attention.resolve_attention(explicit, p) for p in ("gpu", "tpu", "cpu")} == {impl}
 
 
+@pytest.mark.devices(1)  # the dry run below builds a one-device mesh (conftest.py gives the tests 8)
 def test_recipe_and_dry_run_name_a_flash_kernel_for_gpu():
   from ar_lm_jax.cli import CONFIGS_DIR
   from ar_lm_jax.config import apply_overrides, load_config

@@ -149,7 +149,7 @@ def _fused_forward(hidden_BTD, head_DV, targets_BT, mask_BT, dtype: str, chunk_s
     if not with_grads:
       return (s_nll_G, s_z_G, dhead_GDV), None
     probs_GbCV = jnp.exp(logits_GbCV - lse_GbC[..., None])
-    onehot_GbCV = jnp.arange(logits_GbCV.shape[-1], dtype=t_GbC.dtype) == t_GbC[..., None]
+    onehot_GbCV = jnp.arange(logits_GbCV.shape[-1], dtype=t_GbC.dtype)[None, None, None, :] == t_GbC[..., None]
     dlogits_GbCV = ((probs_GbCV - onehot_GbCV) * m_GbC[..., None]).astype(dt)
     dh_GbCD = jnp.einsum("gbcv,dv->gbcd", dlogits_GbCV, head_dt_DV, preferred_element_type=jnp.float32)
     dhead_GDV = dhead_GDV + jnp.einsum("gbcd,gbcv->gdv", h_GbCD.astype(dt), dlogits_GbCV,

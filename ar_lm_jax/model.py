@@ -60,17 +60,17 @@ class LayerNorm(nn.Module):
     x = x_BTD.astype(jnp.float32)
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.cfg.layer_norm_eps) * scale_D.astype(jnp.float32)
+    y = (x - mean) * jax.lax.rsqrt(var + self.cfg.layer_norm_eps) * scale_D.astype(jnp.float32)[None, None, :]
     if self.use_bias:
       bias_D = _param(self, "bias", nn.initializers.zeros, (d,), ("norm",), self.cfg)
-      y = y + bias_D.astype(jnp.float32)
+      y = y + bias_D.astype(jnp.float32)[None, None, :]
     return y.astype(_dtype(self.cfg.dtype))
 
 
 def rotary_cos_sin(positions_BT: jax.Array, rotary_dim: int, theta: float):
   """cos/sin tables [B, T, rotary_dim] in fp32, NeoX layout (frequencies repeated, not interleaved)."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
-  freqs_BTR = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  freqs_BTR = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   emb = jnp.concatenate([freqs_BTR, freqs_BTR], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -104,7 +104,7 @@ class _Proj(nn.Module):
     y = jnp.einsum(self.eq, x.astype(dt), w.astype(dt))
     if self.use_bias:
       b = _param(self, "bias", nn.initializers.zeros, self.bias_shape, self.bias_axes, self.cfg)
-      y = y + b.astype(dt)
+      y = y + b.astype(dt)[None, None]  # the bias is y's trailing dims, after [B, T]
     return y
 
 

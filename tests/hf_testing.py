@@ -1,6 +1,5 @@
-"""Shared by the tests that compare against transformers: a random StableLm and a one-thread torch."""
+"""Shared by the tests that compare against transformers: a random StableLm (the one-thread torch is in conftest.py)."""
 
-import pytest
 import torch
 
 from ar_lm_jax import hf
@@ -19,11 +18,3 @@ def random_stablelm(cfg: ModelConfig, seed: int = 0):
   state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
   return model, state
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-  """torch's intra-op threads spin against XLA's on a 2-core machine (6x slower forwards); these models are tiny."""
-  before = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(before)

@@ -11,22 +11,18 @@ kernel is lowered for CUDA to check what the cuDNN custom call receives.
 """
 
 import dataclasses
-import os
 import re
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 
-from ar_lm_jax import attention, flash_attention, splash_attention
-from ar_lm_jax.config import ConfigError, Config, DataConfig, ModelConfig
+from ar_lm_jax import attention, flash_attention, sharding, splash_attention
+from ar_lm_jax.config import ConfigError, Config, DataConfig, MeshConfig, ModelConfig
 
-REPO = Path(__file__).resolve().parents[1]
 B, T, N, H = 2, 128, 2, 16
 # Row 0: three documents then padding; row 1: one document cut by the row end, then a short one.
 SEGMENTS = np.array([[1] * 40 + [2] * 50 + [3] * 30 + [0] * 8,
@@ -114,49 +110,37 @@ def test_bf16_close_to_fp32_reference(impl):
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=2e-2, atol=2e-2)
 
 
-SHARDED = textwrap.dedent("""
-    import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
-    from jax.sharding import Mesh
-    from ar_lm_jax import attention, flash_attention, sharding, splash_attention
-    from ar_lm_jax.config import MeshConfig
-    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2), ("data", "model"))
-    seg = jnp.asarray(np.repeat(np.arange(1, 5, dtype=np.int32), 32)[None].repeat(4, 0))
-    q, k, v = (jax.random.normal(jax.random.key(i), (4, 128, 4, 16)) for i in range(3))
-    want = attention.xla_attention(q, k, v, seg)
-    kernels = {"pallas": lambda q, k, v, s: flash_attention.attention(q, k, v, s, interpret=True),
-               "splash": lambda q, k, v, s: splash_attention.attention(q, k, v, s, interpret=True)}
-    for name, fn in kernels.items():
-      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(MeshConfig(data=2, model=2))):
-        lowered = jax.jit(fn).lower(q, k, v, seg)
-        text, got = lowered.as_text(), lowered.compile()(q, k, v, seg)
-      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=name)
-      assert "shard_map" in text or "sdy.manual_computation" in text, f"{name} did not run per shard"
-    # cuDNN, lowered for CUDA (see the single-device test for the stubbed checks): each device's custom call
-    # gets its own [B/data, T, N/model, H] shard and the lengths/offsets of its own rows.
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
-    from jax.export import DisabledSafetyCheck
-    cudnn_fa.check_cudnn_version = lambda: 91000
-    cudnn_fa.check_compute_capability = lambda capability: True
-    cudnn_fa.is_cuda_compute_capability_equal = lambda capability: False
-    loss = lambda q, k, v, s: jnp.sum(attention.per_shard(
-        lambda q, k, v, s: attention._cudnn_kernel(q, k, v, s, max_segments=8))(q, k, v, s).astype(jnp.float32))
-    qkv = jax.ShapeDtypeStruct((4, 128, 4, 64), jnp.bfloat16)
-    checks = [DisabledSafetyCheck.custom_call(t) for t in ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__gpu$xla.gpu.triton")]
+def test_kernels_run_per_shard_under_a_mesh(monkeypatch):
+  mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+  seg = jnp.asarray(np.repeat(np.arange(1, 5, dtype=np.int32), 32)[None].repeat(4, 0))
+  q, k, v = (jax.random.normal(jax.random.key(i), (4, 128, 4, 16)) for i in range(3))
+  want = attention.xla_attention(q, k, v, seg)
+  kernels = {"pallas": lambda q, k, v, s: flash_attention.attention(q, k, v, s, interpret=True),
+             "splash": lambda q, k, v, s: splash_attention.attention(q, k, v, s, interpret=True)}
+  for name, fn in kernels.items():
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(MeshConfig(data=2, model=2))):
-      exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"], disabled_checks=checks)(
-          qkv, qkv, qkv, jax.ShapeDtypeStruct((4, 128), jnp.int32))
-    fwd = [l for l in exported.mlir_module().splitlines() if "custom_call @__cudnn$fmhaSoftmax(" in l]
-    assert len(fwd) == 1 and fwd[0].split("} : (")[1].startswith(
-        "tensor<2x128x2x64xbf16>, tensor<2x128x2x64xbf16>, tensor<2x128x2x64xbf16>, tensor<2x8xi32>, tensor<2x8xi32>, "
-        "tensor<2x9xi32>, tensor<2x9xi32>)"), fwd
-    print("OK")
-""")
-
-
-def test_kernels_run_per_shard_under_a_mesh():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+      lowered = jax.jit(fn).lower(q, k, v, seg)
+      text, got = lowered.as_text(), lowered.compile()(q, k, v, seg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=name)
+    assert "shard_map" in text or "sdy.manual_computation" in text, f"{name} did not run per shard"
+  # cuDNN, lowered for CUDA (see the single-device test for the stubbed checks): each device's custom call
+  # gets its own [B/data, T, N/model, H] shard and the lengths/offsets of its own rows.
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  from jax.export import DisabledSafetyCheck
+  monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda capability: True)
+  monkeypatch.setattr(cudnn_fa, "is_cuda_compute_capability_equal", lambda capability: False)
+  loss = lambda q, k, v, s: jnp.sum(attention.per_shard(
+      lambda q, k, v, s: attention._cudnn_kernel(q, k, v, s, max_segments=8))(q, k, v, s).astype(jnp.float32))
+  qkv = jax.ShapeDtypeStruct((4, 128, 4, 64), jnp.bfloat16)
+  checks = [DisabledSafetyCheck.custom_call(t) for t in ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__gpu$xla.gpu.triton")]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(MeshConfig(data=2, model=2))):
+    exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"], disabled_checks=checks)(
+        qkv, qkv, qkv, jax.ShapeDtypeStruct((4, 128), jnp.int32))
+  fwd = [l for l in exported.mlir_module().splitlines() if "custom_call @__cudnn$fmhaSoftmax(" in l]
+  assert len(fwd) == 1 and fwd[0].split("} : (")[1].startswith(
+      "tensor<2x128x2x64xbf16>, tensor<2x128x2x64xbf16>, tensor<2x128x2x64xbf16>, tensor<2x8xi32>, tensor<2x8xi32>, "
+      "tensor<2x9xi32>, tensor<2x9xi32>)"), fwd
 
 
 # ---- cuDNN's packed layout: per-document lengths and offsets ----
@@ -233,8 +217,8 @@ def _cudnn_by_offsets(q, k, v, q_seqlen, kv_seqlen, q_offsets, kv_offsets, *, sc
   assert qkv_layout == "BTNH" and mask_type.name == "CAUSAL" and scale == q.shape[-1] ** -0.5
   t_T = jnp.arange(q.shape[1])
   start_BM, n_BM = q_offsets[:, :-1], q_seqlen
-  inside_BMT = (t_T >= start_BM[..., None]) & (t_T < (start_BM + n_BM)[..., None]) & (n_BM[..., None] > 0)
-  doc_BT = jnp.where(inside_BMT.any(1), jnp.argmax(inside_BMT, axis=1), -1 - t_T)  # a token no document covers sees itself only
+  inside_BMT = (t_T[None, None] >= start_BM[..., None]) & (t_T[None, None] < (start_BM + n_BM)[..., None]) & (n_BM[..., None] > 0)
+  doc_BT = jnp.where(inside_BMT.any(1), jnp.argmax(inside_BMT, axis=1), -1 - t_T[None])  # a token no document covers sees itself only
   return attention.xla_attention(q, k, v, doc_BT)
 
 
@@ -315,6 +299,7 @@ def test_auto_resolves_to_the_flash_kernel_of_each_platform():
     assert {attention.resolve_attention(explicit, p) for p in ("gpu", "tpu", "cpu")} == {impl}
 
 
+@pytest.mark.devices(1)  # the dry run below builds a one-device mesh (conftest.py gives the tests 8)
 def test_recipe_and_dry_run_name_a_flash_kernel_for_gpu():
   from ar_lm_jax.config import apply_overrides, load_config
   from ar_lm_jax.dry_run import dry_run

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hf_testing import one_torch_thread  # noqa: F401 (autouse fixture)
 
 from ar_lm_jax import chat, data
 from ar_lm_jax.config import SAMPLE_DIR, DataConfig, SourceConfig
 from ar_lm_jax.hf_tokenizer import save_hf_tokenizer
 from ar_lm_jax.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.devices(1)  # a one-device process: loop.run and evaluate.load_run take every device they see
 
 REPO = Path(__file__).resolve().parents[1]
 TOK = load_tokenizer()

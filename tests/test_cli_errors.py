@@ -28,6 +28,8 @@ from experiments import generate as generate_cmd
 from experiments import train as train_cmd
 from tools import convert_from_pytorch, convert_to_pytorch, inspect_data, plot_schedule, prepare_data
 
+pytestmark = pytest.mark.devices(1)  # a one-device process: loop.run and evaluate.load_run take every device they see
+
 REPO = Path(__file__).parents[1]
 
 

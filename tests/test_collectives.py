@@ -7,16 +7,17 @@ gradients once: all-reduce + reduce-scatter at most 1.05 x the fp32 gradient
 bytes, and nothing communicated inside the chunked-loss loop.
 """
 
-import json
-import os
-import subprocess
-import sys
+import dataclasses
 import textwrap
 from pathlib import Path
 
+import jax
 import pytest
 
-from ar_lm_jax import collectives
+from ar_lm_jax import collectives, loss
+from ar_lm_jax import step as step_lib
+from ar_lm_jax.config import MeshConfig, load_config
+from ar_lm_jax.model import param_count
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 HLO = textwrap.dedent("""\
@@ -86,36 +87,23 @@ def test_report_of_a_hand_written_module():
   assert collectives.shape_bytes("(pred[3], s4[3], /*index=2*/f64[2,2]{1,0}, token[])") == 3 + 2 + 32
 
 
-STEP_REPORT = textwrap.dedent("""
-    import dataclasses, json, jax
-    from ar_lm_jax import collectives, loss, step as step_lib
-    from ar_lm_jax.config import MeshConfig, load_config
-    from ar_lm_jax.model import param_count
-    base = load_config("tiny")
-    out = {}
-    for name, chunk, z_loss in (("fused", 16, 0.0), ("recompute", 16, 1e-4), ("unchunked", 0, 0.0)):
-      cfg = base.replace(model=dataclasses.replace(base.model, vocab_size=2048, dtype="bfloat16", remat="save_attn_mlp_out"),
-                         data=dataclasses.replace(base.data, seq_len=64, batch_size=16),
-                         optim=dataclasses.replace(base.optim, z_loss=z_loss),
-                         train=dataclasses.replace(base.train, loss_chunk_size=chunk),
-                         mesh=MeshConfig(data=8, model=1, shard_optimizer_over_data=True))
-      setup = step_lib.build(cfg)
-      with setup.activate():
-        compiled = step_lib.jit_train_step(setup).lower(setup.abstract_state, step_lib.abstract_batch(cfg)).compile()
-      r = collectives.collective_report(compiled)
-      out[name] = {"bytes": r.bytes_per_device, "in_chunk_loop": [c.op_name for c in r.inside(loss.LOOP_SCOPE)],
-                    "grad_bytes": 4 * param_count(setup.abstract_state.params), "unknown": r.unknown_trip_counts}
-    print(json.dumps(out))
-""")
-
-
 @pytest.fixture(scope="module")
 def step_reports():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", STEP_REPORT], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  base = load_config("tiny")
+  out = {}
+  for name, chunk, z_loss in (("fused", 16, 0.0), ("recompute", 16, 1e-4), ("unchunked", 0, 0.0)):
+    cfg = base.replace(model=dataclasses.replace(base.model, vocab_size=2048, dtype="bfloat16", remat="save_attn_mlp_out"),
+                       data=dataclasses.replace(base.data, seq_len=64, batch_size=16),
+                       optim=dataclasses.replace(base.optim, z_loss=z_loss),
+                       train=dataclasses.replace(base.train, loss_chunk_size=chunk),
+                       mesh=MeshConfig(data=8, model=1, shard_optimizer_over_data=True))
+    setup = step_lib.build(cfg, jax.devices()[:8])
+    with setup.activate():
+      compiled = step_lib.jit_train_step(setup).lower(setup.abstract_state, step_lib.abstract_batch(cfg)).compile()
+    r = collectives.collective_report(compiled)
+    out[name] = {"bytes": r.bytes_per_device, "in_chunk_loop": [c.op_name for c in r.inside(loss.LOOP_SCOPE)],
+                 "grad_bytes": 4 * param_count(setup.abstract_state.params), "unknown": list(r.unknown_trip_counts)}
+  return out
 
 
 @pytest.mark.parametrize("path", ["fused", "recompute", "unchunked"])

@@ -18,7 +18,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from hf_testing import one_torch_thread  # noqa: F401 (autouse fixture)
 import torch
 
 from ar_lm_jax import cli, data, evaluate, hf, loop, saved_run
@@ -27,6 +26,8 @@ from ar_lm_jax.config import SAMPLE_DIR, apply_overrides, load_config
 from ar_lm_jax.model import StableLM
 from ar_lm_jax.tokenizer import load_tokenizer
 from tools import convert_from_pytorch, convert_to_pytorch
+
+pytestmark = pytest.mark.devices(1)  # a one-device process: loop.run and evaluate.load_run take every device they see
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # the export must load with no network
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -151,6 +151,7 @@ def test_out_of_memory_message_parses_to_bytes(message, expected):
   assert tpu_topology.parse_out_of_memory(message) == expected
 
 
+@pytest.mark.devices(1)  # mesh.data=1: a one-device process (conftest.py gives the tests 8)
 def test_splash_config_builds_and_inits_off_tpu():
   """Init traces a [1, 8] batch, which splash's 128-row tiles cannot cover: building must not call the kernel."""
   from ar_lm_jax import step as step_lib

@@ -6,7 +6,6 @@ import io
 import json
 import math
 import os
-import subprocess
 import sys
 import unicodedata
 from pathlib import Path
@@ -27,6 +26,7 @@ from ar_lm_jax.tokenizer import load_tokenizer
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+pytestmark = pytest.mark.devices(1)  # a one-device process, but for the 8-device test that compares with it
 
 MODEL = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, max_position_embeddings=256)
 SEQ_LEN = 64  # shorter than most sample documents, so truncation is exercised
@@ -149,12 +149,12 @@ def test_max_docs_per_language_and_batch_size(workdir, data_file, reference):
   check_against_reference([json.loads(l) for l in out], first_two)
 
 
-def test_sharded_over_8_devices_with_tensor_parallelism_gives_the_same_numbers(workdir, data_file, cli_lines):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}", f"--data={data_file}",
-                         "--batch_size=5"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr
-  lines = [json.loads(l) for l in proc.stdout.splitlines()]
+def test_sharded_over_8_devices_with_tensor_parallelism_gives_the_same_numbers(workdir, data_file, cli_lines,
+                                                                                visible_devices):
+  with visible_devices(8):  # the rest of this module runs on one
+    code, out, err = run_cli([f"--workdir={workdir}", f"--data={data_file}", "--batch_size=5"])
+  assert code == 0, err
+  lines = [json.loads(l) for l in out]
   assert len(lines) == len(cli_lines)
   for sharded, single in zip(lines, cli_lines):
     assert {k: v for k, v in sharded.items() if k not in ("loss", "perplexity", "bits_per_byte")} == \

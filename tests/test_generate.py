@@ -18,6 +18,8 @@ from ar_lm_jax.checkpoint import Checkpointer
 from ar_lm_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 from ar_lm_jax.tokenizer import EOS_ID, load_tokenizer
 
+pytestmark = pytest.mark.devices(1)  # a one-device process: loop.run and evaluate.load_run take every device they see
+
 MODEL = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, max_position_embeddings=256)
 PROMPTS = [
     "The blue bicycle had hung on the storehouse wall for years,",

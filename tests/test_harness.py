@@ -28,7 +28,8 @@ import torch
 from ar_lm_jax import cli, harness, hf_io, loop
 from ar_lm_jax.config import (CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, PhaseConfig,
                               TrainConfig)
-from tests.hf_testing import one_torch_thread  # noqa: F401 - the module-wide one-thread torch fixture
+
+pytestmark = pytest.mark.devices(1)  # a one-device process: loop.run and evaluate.load_run take every device they see
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO_ROOT / "tests" / "harness_tasks"

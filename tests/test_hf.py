@@ -20,7 +20,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_testing import one_torch_thread  # noqa: F401 (autouse fixture)
 import torch
 
 from ar_lm_jax import cli, hf, hf_io, saved_run

@@ -7,9 +7,13 @@ import shutil
 import struct
 from pathlib import Path
 
+import pytest
+
 from ar_lm_jax import loop
 from ar_lm_jax.config import apply_overrides, load_config
 from ar_lm_jax.metrics import MetricsWriter
+
+pytestmark = pytest.mark.devices(1)  # a one-device process: loop.run and evaluate.load_run take every device they see
 
 
 def rows(workdir: Path) -> list[dict]:

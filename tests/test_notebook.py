@@ -14,6 +14,9 @@ from ar_lm_jax.config import (CheckpointConfig, Config, DataConfig, ModelConfig,
                               TrainConfig)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.devices(1)  # a one-device process: loop.run and evaluate.load_run take every device they see
+
 NOTEBOOK = REPO_ROOT / "notebooks" / "evaluate.ipynb"
 EVAL_KEYS = ("eval/en/loss", "eval/ar/loss", "eval/en/bpb", "eval/ar/bpb")
 

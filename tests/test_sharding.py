@@ -1,10 +1,10 @@
 """The mesh, the logical-axis rules table, ZeRO-1/FSDP layouts, and losses that do not depend on the mesh.
 
 Layouts are checked on `AbstractMesh`es (no devices needed). Loss equality runs the
-trainer in subprocesses, because the number of fake CPU devices is fixed when JAX
-starts: 5 steps of `tiny` on meshes 1x1, 8x1, 4x2 and 2x4 must log the same losses,
-and two processes joined over gloo (2 devices each, a 2x2 mesh) must log the losses
-of one 4-device process that is fed the same global batch.
+trainer in this process on the first devices of conftest.py's 8: 5 steps of `tiny` on
+meshes 1x1, 8x1, 4x2 and 2x4 must log the same losses; and two processes joined over
+gloo (subprocesses, 2 devices each, a 2x2 mesh) must log the losses of one 4-device
+run that is fed the same global batch.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
+import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
+from ar_lm_jax import cli, data, loop
 from ar_lm_jax import model as model_lib
 from ar_lm_jax import optim, sharding
 from ar_lm_jax.config import ConfigError, apply_overrides, load_config
@@ -190,51 +192,52 @@ def test_device_grid_puts_each_process_on_whole_rows():
 
 
 # ---------------------------------------------------------------------------
-# Losses across meshes and processes (subprocesses with fake CPU devices).
+# Losses across meshes (in this process, on the first d*m of conftest.py's 8 devices) and across processes
+# (two subprocesses joined over gloo, 2 devices each).
 
-# Runs `loop.run` as `python -m experiments.train` would, once per mesh in argv[2], printing the logged losses.
-MESH_RUNS = """
-import json, sys
-from ar_lm_jax import cli, loop
-out = {}
-for mesh in sys.argv[2].split(","):
+
+def mesh_run(visible_devices, workdir: Path, mesh: str) -> list[float]:
+  """`loop.run` as `python -m experiments.train` would run it in a process of d*m devices; the logged losses."""
   d, m = mesh.split("x")
-  flags = json.loads(sys.argv[3]) + [f"--config.mesh.data={d}", f"--config.mesh.model={m}"]
+  flags = TINY_5_STEPS + [f"--config.mesh.data={d}", f"--config.mesh.model={m}"]
   cfg, _ = cli.parse_args(cli.make_parser("mesh runs"), flags)
-  summary = loop.run(cfg, f"{sys.argv[1]}/{mesh}")
-  out[mesh] = [json.loads(line)["loss"] for line in open(summary["metrics"])]
-print(json.dumps(out))
-"""
+  with visible_devices(int(d) * int(m)):
+    summary = loop.run(cfg, workdir / mesh)
+  return [json.loads(line)["loss"] for line in open(summary["metrics"])]
 
-# One process standing in for both processes of a 2-process run: each global batch is
-# process 0's slice followed by process 1's (the rows each process's devices hold on a
-# process-major mesh), read from `make_train_iterator(process_count=2)` as they would.
-CONCAT_PROCESSES = """
-import json, sys
-import numpy as np
-from ar_lm_jax import cli, data, loop
 
 class BothProcesses:
+  """One process standing in for both processes of a 2-process run: each global batch is process 0's slice
+  followed by process 1's (the rows each process's devices hold on a process-major mesh), read from
+  `make_train_iterator(process_count=2)` as they would."""
+
   def __init__(self, its):
     self.its = its
+
   def __next__(self):
     parts = [next(it) for it in self.its]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
   def get_state(self):
     return {str(i): it.get_state() for i, it in enumerate(self.its)}
+
   def set_state(self, state):
     for i, it in enumerate(self.its):
       it.set_state(state[str(i)])
+
   def stats(self):
     return {}
 
-make = data.make_train_iterator
-data.make_train_iterator = lambda cfg, *, seed, process_index, process_count: BothProcesses(
-    [make(cfg, seed=seed, process_index=i, process_count=2) for i in range(2)])
-cfg, _ = cli.parse_args(cli.make_parser("reference"), json.loads(sys.argv[2]))
-summary = loop.run(cfg, sys.argv[1])
-print(json.dumps([json.loads(line)["loss"] for line in open(summary["metrics"])]))
-"""
+
+def concat_processes_run(visible_devices, workdir: Path, flags: list[str]) -> list[float]:
+  """The reference of the two-process run: one process of 4 devices fed both processes' batches."""
+  make = data.make_train_iterator
+  cfg, _ = cli.parse_args(cli.make_parser("reference"), flags)
+  with pytest.MonkeyPatch.context() as mp, visible_devices(4):
+    mp.setattr(data, "make_train_iterator", lambda cfg, *, seed, process_index, process_count: BothProcesses(
+        [make(cfg, seed=seed, process_index=i, process_count=2) for i in range(2)]))
+    summary = loop.run(cfg, workdir)
+  return [json.loads(line)["loss"] for line in open(summary["metrics"])]
 
 
 def env_with_devices(n: int) -> dict:
@@ -282,17 +285,21 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Every trainer run of this file, started at once: 1x1; 8x1, 4x2, 2x4; two processes of 2x2 and their reference."""
+def runs(tmp_path_factory, visible_devices):
+  """Every trainer run of this file: the two processes of 2x2 start first, in the background (so that they share
+  the 2 cores with the rest); then, here, 1x1; 8x1, 4x2, 2x4; and the two processes' one-process reference."""
   r = Runs(tmp_path_factory.mktemp("runs"))
-  r.start("1x1", ["-c", MESH_RUNS, str(r.workdir), "1x1", json.dumps(TINY_5_STEPS)], devices=1)
-  r.start("8 devices", ["-c", MESH_RUNS, str(r.workdir), "8x1,4x2,2x4", json.dumps(TINY_5_STEPS)], devices=8)
   flags = TINY_5_STEPS + ["--config.mesh.data=2", "--config.mesh.model=2"]
   cluster = [f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2"]
   for i in range(2):
     r.start(f"process {i}", ["-m", "experiments.train", f"--workdir={r.workdir / 'two'}", *cluster, f"--process_id={i}",
                              *flags], devices=2)
-  r.start("reference", ["-c", CONCAT_PROCESSES, str(r.workdir / "one"), json.dumps(flags)], devices=4)
+  try:
+    r.losses = {mesh: mesh_run(visible_devices, r.workdir, mesh) for mesh in ("1x1", "8x1", "4x2", "2x4")}
+    r.losses["reference"] = concat_processes_run(visible_devices, r.workdir / "one", flags)
+  except BaseException:
+    r.kill()
+    raise
   yield r
   r.kill()
 
@@ -308,7 +315,7 @@ def assert_same_losses(a: list[float], b: list[float], what: str):
 
 
 def test_losses_equal_on_1x1_8x1_4x2_2x4(runs):
-  losses = {**last_json(runs.output("1x1")), **last_json(runs.output("8 devices"))}
+  losses = {k: v for k, v in runs.losses.items() if k != "reference"}
   reference = losses.pop("1x1")
   assert reference[-1] < reference[0] - 0.05  # it trained: equality is not between constants
   assert set(losses) == {"8x1", "4x2", "2x4"}
@@ -317,9 +324,9 @@ def test_losses_equal_on_1x1_8x1_4x2_2x4(runs):
 
 
 def test_two_processes_match_one_process_on_the_same_global_batch(runs):
-  out = {name: runs.output(name) for name in ("process 0", "process 1", "reference")}
+  out = {name: runs.output(name) for name in ("process 0", "process 1")}
   two = [json.loads(line)["loss"] for line in (runs.workdir / "two" / "metrics.jsonl").read_text().splitlines()]
-  one = last_json(out["reference"])
+  one = runs.losses["reference"]
   assert one[-1] < one[0] - 0.05
   assert_same_losses(two, one, "2 processes x 2 devices vs 1 process x 4 devices")
   # Only process 0 reports: its summary is the last line; process 1 prints nothing of its own.
@@ -362,14 +369,14 @@ def test_fsdp_gathers_and_reduces_each_layer_inside_the_layer_loop():
   # bf16 bytes of one layer's matrix, gathered: q/k/v/o are [D, N*H], gate/up/down [D, F].
   matrices = {"q_proj": D * NH, "k_proj": D * NH, "v_proj": D * NH, "o_proj": NH * D,
               "gate_proj": D * F, "up_proj": D * F, "down_proj": F * D}
-  for loop in (forward, backward):
+  for scan_loop in (forward, backward):
     for name, n in matrices.items():
-      gathers = [c for c in colls if c[0] == "all-gather" and f"/{name}/" in c[5] and c[4] and c[4][-1].endswith(loop)]
-      assert len(gathers) == 1, (loop, name, gathers)
+      gathers = [c for c in colls if c[0] == "all-gather" and f"/{name}/" in c[5] and c[4] and c[4][-1].endswith(scan_loop)]
+      assert len(gathers) == 1, (scan_loop, name, gathers)
       _, operand, result, trips, _, _ = gathers[0]
       # One layer's matrix from its 8 shards, once per layer. XLA:CPU gathers the fp32 shard and casts after
       # (4 bytes a weight); XLA:TPU casts the shards to bf16 before the layer loop and gathers bf16.
-      assert (result, operand, trips) == (4 * n, 4 * n // 8, L), (loop, name, gathers[0])
+      assert (result, operand, trips) == (4 * n, 4 * n // 8, L), (scan_loop, name, gathers[0])
   # Nothing of the layer stack is gathered outside the loops (the embedding and LM head are not in the stack).
   assert not [c for c in colls if c[0] == "all-gather" and not c[4] and "/layers/" in c[5]]
   # Each layer's fp32 weight gradients (7 matrices) are reduced in the backward loop, once per layer.

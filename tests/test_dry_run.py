@@ -57,6 +57,7 @@ def test_recipe_dry_run_on_16_devices(tmp_path):
   assert usage.ru_utime + usage.ru_stime < 120  # the 2-minute bound, in CPU time so load elsewhere can't flake it
 
 
+@pytest.mark.devices(1)  # mesh.data=1: a one-device process (conftest.py gives the tests 8)
 def test_dry_run_without_compiling_allocates_nothing():
   cfg = apply_overrides(load_config("tiny"), {"mesh.data": "1"})
   before = {id(a) for a in jax.live_arrays()}
@@ -67,6 +68,7 @@ def test_dry_run_without_compiling_allocates_nothing():
   assert report["opt_state_bytes_per_device"] == 2 * 4 * report["params"] + 8  # moments + two int32 counters
 
 
+@pytest.mark.devices(1)  # mesh.data=1: a one-device process (conftest.py gives the tests 8)
 def test_gpu_only_attention_reports_why_there_is_no_memory_analysis():
   cfg = apply_overrides(load_config("tiny"), {"mesh.data": "1", "model.attention": "pallas"})
   report = dry_run.dry_run(cfg)

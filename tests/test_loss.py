@@ -126,7 +126,7 @@ def test_train_step_gradients_with_chunked_loss_sharded_and_accumulated():
   for chunk in (0, 8):
     cfg = base.replace(train=dataclasses.replace(base.train, loss_chunk_size=chunk))
     setup = step_lib.build(cfg, jax.devices()[:8])
-    params = step_lib.init_state(setup, 0)["params"]
+    params = step_lib.init_state(setup, 0).params
     fn = jax.jit(lambda p, b, cfg=cfg: step_lib.loss_and_grads(p, b, model=setup.model, cfg=cfg))
     with setup.activate():
       out.append(jax.device_get(fn(params, sharding.global_batch(batch_np, setup.mesh))))

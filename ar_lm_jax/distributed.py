@@ -98,7 +98,7 @@ class PeerWatch:
   def __init__(self, client, index: int, count: int, timeout_s: float):
     self.client, self.index, self.count, self.timeout_s = client, index, count, timeout_s
     self.interval_s = timeout_s / 5
-    self.step: Optional[int] = None  # the step this process is at (the trainer keeps it current)
+    self.step: Optional[int] = None  # the step this process is at (the loop keeps it current)
     self.checkpoints: Optional[Path] = None  # the run's checkpoints folder, once known
     self._stop = threading.Event()
     self._verdict = threading.Event()  # set once a lost peer was found (the process is exiting)

@@ -373,7 +373,7 @@ def evaluate_texts(run: saved_run.LoadedRun, by_lang: dict[str, list[str]]) -> l
 def evaluate_file(path: str | Path, *, workdir: Optional[str] = None, checkpoint: Optional[str] = None,
                   step: Optional[int] = None, max_docs: Optional[int] = None,
                   batch_size: Optional[int] = None, lang: Optional[str] = None) -> list[dict[str, Any]]:
-  """`experiments.evaluate`: a file's documents (`read_documents`) scored per language, by a trainer checkpoint."""
+  """`experiments.evaluate`: a file's documents (`read_documents`) scored per language, by a training checkpoint."""
   if max_docs is not None and max_docs < 1:
     raise EvalError(f"--max_docs must be >= 1, got {max_docs}")
   if batch_size is not None and batch_size < 1:

@@ -297,7 +297,7 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfo
       optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
       # Decoupled decay, added after Adam's normalization and scaled by the lr below: p -= lr * (adam + wd * p).
       optax.add_decayed_weights(cfg.weight_decay, mask=functools.partial(decay_mask, decay_embeddings=cfg.decay_embeddings)),
-      # Update number s (counting from 1, the step the trainer logs and checkpoints) uses schedule(s), so
+      # Update number s (counting from 1, the step the loop logs and checkpoints) uses schedule(s), so
       # the lr logged and plotted for step s is the one that step applied, skipped steps included.
       scale_by_step_schedule(schedule),
   )

@@ -5,7 +5,7 @@ Every reader of our checkpoints goes through here (evaluate, generate, the harne
 `checkpoint.init_from`, the export to Hugging Face), and every params read ends in `verify_params`,
 so a damaged checkpoint is refused the same way, with the same words, everywhere. Only the params
 are ever read, never the optimizer state. Nothing here writes or moves a checkpoint: moving damaged
-ones aside is the trainer's job (`checkpoint.Checkpointer`).
+ones aside is the training loop's job (`checkpoint.Checkpointer`).
 
 Errors are CheckpointError (bad input: the command line exits 2 with its line), except a saved
 param whose shape the config does not give, which is the HF mapping's MappingError.
@@ -295,7 +295,7 @@ class LoadedRun:
 
 def load_run(workdir: Optional[str] = None, checkpoint: Optional[str] = None, step: Optional[int] = None,
              batch_rows: Optional[int] = None) -> LoadedRun:
-  """The params (only) of a trainer checkpoint, in the run's shardings, with its config."""
+  """The params (only) of a training checkpoint, in the run's shardings, with its config."""
   directory, step = checkpoint_location(workdir, checkpoint, step)
   step, cfg = saved_config(directory, step)
   setup = step_lib.build(for_devices(cfg, jax.device_count(), batch_rows))

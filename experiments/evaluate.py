@@ -2,7 +2,7 @@
 [--lang=LANG] [--max_docs=N] [--batch_size=N]`.
 
 Scores every document of FILE.jsonl ({"text", "lang"} per line; .gz and .zst too), or, with
---lang, of any source training reads (Parquet, plain text, JSONL), with a trainer
+--lang, of any source training reads (Parquet, plain text, JSONL), with a training
 checkpoint and prints one JSON line per language, then one with "lang": "all":
 docs, tokens (predictions scored), bytes (UTF-8 bytes of the predicted text),
 text_bytes, loss, perplexity, bits_per_byte. How documents are scored:

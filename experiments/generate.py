@@ -1,7 +1,7 @@
 """Generate: `python -m experiments.generate --checkpoint=DIR|--workdir=DIR [--step=N] --prompt="..."
 [--max_new_tokens=N] [--greedy | --temperature=T --top_k=K --top_p=P --seed=S]`.
 
-Continues the prompt with a trainer checkpoint (KV-cached decoding, stops at EOS
+Continues the prompt with a training checkpoint (KV-cached decoding, stops at EOS
 or after N tokens), prints the continuation, then a last line that is a JSON
 object {"tokens": the generated ids (EOS not included), "text": their decoding}. Exit codes: 0 ok,
 2 bad input (one line on stderr).

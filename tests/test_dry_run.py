@@ -22,17 +22,28 @@ def env_with_devices(n: int) -> dict:
   return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
 
 
+# Runs argv[2:] and writes its exit code, peak RSS and CPU time to argv[1]. A child forked from the
+# pytest process would report that process's RSS (GBs: the tests run in-process) as its own peak,
+# because Linux carries the RSS a child was forked with into ru_maxrss across exec; forked from this
+# small launcher, the peak is the command's own.
+_MEASURE = r"""
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+  json.dump({"exit": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss,
+             "cpu_s": usage.ru_utime + usage.ru_stime}, f)
+"""
+
+
 def test_recipe_dry_run_on_16_devices(tmp_path):
-  out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+  out_path, err_path, usage_path = tmp_path / "stdout", tmp_path / "stderr", tmp_path / "usage.json"
   with open(out_path, "w") as out, open(err_path, "w") as err:
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", "--config=ar_stablelm_2_1_6b", "--dry_run"],
-                            env=env_with_devices(16), cwd=REPO, stdout=out, stderr=err)
-    try:
-      _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory and CPU time
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-  assert os.waitstatus_to_exitcode(status) == 0, err_path.read_text()[-3000:]
+    subprocess.run([sys.executable, "-c", _MEASURE, str(usage_path), sys.executable, "-m", "experiments.train",
+                    "--config=ar_stablelm_2_1_6b", "--dry_run"], env=env_with_devices(16), cwd=REPO, stdout=out,
+                   stderr=err, timeout=600, check=True)
+  usage = json.loads(usage_path.read_text())
+  assert usage["exit"] == 0, err_path.read_text()[-3000:]
   text = out_path.read_text()
   report = json.loads(text.strip().splitlines()[-1])
   assert report["params"] == RECIPE_PARAMS
@@ -53,8 +64,8 @@ def test_recipe_dry_run_on_16_devices(tmp_path):
   assert coll["all-reduce"] + coll["reduce-scatter"] <= 1.05 * 4 * RECIPE_PARAMS
   assert "parameters: 1,644,515,328" in text and "mesh: data=16 x model=1" in text
   # Nothing was allocated: 6.6 GB of parameters would show in the peak RSS (ru_maxrss is in KiB).
-  assert usage.ru_maxrss * 1024 < 3e9
-  assert usage.ru_utime + usage.ru_stime < 120  # the issue's 2-minute bound, in CPU time so load elsewhere can't flake it
+  assert usage["maxrss_kb"] * 1024 < 3e9
+  assert usage["cpu_s"] < 120  # the issue's 2-minute bound, in CPU time so load elsewhere can't flake it
 
 
 @pytest.mark.devices(1)  # mesh.data=1: a one-device process (conftest.py gives the tests 8)

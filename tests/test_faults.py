@@ -26,6 +26,7 @@ from pathlib import Path
 
 import portpicker
 import pytest
+from run_testing import assert_same_steps, metrics, steps_saved
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--config=tiny", "--config.model.num_heads=2", "--config.model.hidden_size=16", "--config.data.seq_len=32",
@@ -112,26 +113,9 @@ class Pair:
                      for i, p in enumerate(self.procs))
 
 
-def metrics(workdir) -> dict[int, dict]:
-  """step -> the last row logged for it (steps after a fallback are logged again)."""
-  path = Path(workdir) / "metrics.jsonl"
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-  return {r["step"]: r for r in rows if "loss" in r}
-
-
-def steps_saved(workdir) -> list[int]:
-  return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
-
-
 def assert_ok(results):
   for i, (rc, so, se) in enumerate(results):
     assert rc == 0, f"process {i} exited {rc}\n{so[-2000:]}\n{se[-3000:]}"
-
-
-def assert_same_steps(got, want, steps):
-  for s in steps:
-    for key in ("loss", "grad_norm", "lr", "data/batch_hash"):
-      assert got[s][key] == want[s][key], f"step {s} {key}: {got[s][key]!r} != {want[s][key]!r}"
 
 
 @pytest.fixture(scope="module")

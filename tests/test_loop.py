@@ -13,7 +13,6 @@ Every run is compared with one uninterrupted 20-step run, loss by loss and batch
 The runs share a JAX compilation cache, so only the first one compiles the train step.
 """
 
-import json
 import os
 import re
 import signal
@@ -27,6 +26,7 @@ import pytest
 
 from ar_lm_jax import loop
 from ar_lm_jax.checkpoint import UNFINISHED_SUFFIX
+from run_testing import assert_same_steps, metrics, steps_saved
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny, narrower (the 100352-row LM head and its softmax are most of a step) and on shorter rows.
@@ -58,23 +58,6 @@ def train(env, workdir, *extra, script=None, expect=0):
 def start(env, workdir, *extra):
   return subprocess.Popen(command(workdir, extra), env=env, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-
-
-def metrics(workdir) -> dict[int, dict]:
-  """step -> the last row logged for it (a step re-run after a crash is logged again)."""
-  path = Path(workdir) / "metrics.jsonl"
-  rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-  return {r["step"]: r for r in rows if "loss" in r}
-
-
-def steps_saved(workdir) -> list[int]:
-  return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def assert_same_steps(got, want, steps):
-  for s in steps:
-    for key in ("loss", "grad_norm", "lr", "data/batch_hash"):
-      assert got[s][key] == want[s][key], f"step {s} {key}: {got[s][key]!r} != {want[s][key]!r}"
 
 
 @pytest.fixture(scope="module")

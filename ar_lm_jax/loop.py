@@ -138,7 +138,6 @@ class BadStepGuard:
         f"(train.max_bad_steps={self.max_bad_steps}); their updates were skipped and nothing was saved after them; {where}")
 
 
-
 def run(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   """Trains `cfg` in `workdir`; returns a summary (first/last loss, steps, paths)."""
   workdir = Path(workdir).absolute()

@@ -85,17 +85,26 @@ def _orbax_leftover(unraisable: Any) -> bool:
   return closed_loop or pending_read
 
 
+# TensorStore's errors are absl statuses: 'OUT_OF_RANGE: Error reading "params.x/0.0" in OCDBT database ...'.
+_TENSORSTORE_READ_ERROR = re.compile(r"\b[A-Z_]+: Error (reading|opening) ")
+
+
 def _orbax_unretrieved(record: logging.LogRecord) -> bool:
   """Whether an asyncio log record is a failed orbax read's other futures ('... exception was never
-  retrieved'), logged when the garbage collector reaches them, so only on some runs."""
-  if "exception was never retrieved" not in record.getMessage():
+  retrieved'), logged when the garbage collector reaches them, so only on some runs. They come in
+  two forms: orbax's wrapper (an orbax frame in the traceback, 'Encountered error while reading
+  array') and TensorStore's own read future, whose error has no Python traceback at all."""
+  message = record.getMessage()
+  if "exception was never retrieved" not in message:
     return False
   tb = record.exc_info[2] if record.exc_info else None
   files = []
   while tb is not None:
     files.append(tb.tb_frame.f_code.co_filename)
     tb = tb.tb_next
-  return any("orbax" in f for f in files) or "Encountered error while reading array" in record.getMessage()
+  exc = record.exc_info[1] if record.exc_info else None
+  return (any("orbax" in f for f in files) or "Encountered error while reading array" in message
+          or bool(_TENSORSTORE_READ_ERROR.search(message)) or bool(exc and _TENSORSTORE_READ_ERROR.search(str(exc))))
 
 
 class _DropOrbaxUnretrieved(logging.Filter):

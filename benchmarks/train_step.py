@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from ar_lm_jax import aot, flops, sharding
+from ar_lm_jax import attention as attention_lib
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import Config, ConfigError
 from benchmarks.torch_baseline import ADAMW_IMPLS
@@ -138,6 +139,7 @@ def benchmark(cfg: Config, steps: int = 5, warmup: int = 2, compare_torch: bool 
       "mfu": flops.mfu(tokens_per_sec, flops_per_token, peak, jax.device_count()),
       "memory": compiled.memory or {},
       "collective_bytes_per_device": coll.bytes_per_device,  # operand bytes per device per step, from the HLO
+      "attention": attention_lib.resolve_attention(cfg.model, platform),  # the kernel that ran: never `auto`
   }
   if baseline is not None:
     torch_step = statistics.median(theirs)

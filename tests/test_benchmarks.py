@@ -69,6 +69,7 @@ def test_benchmark_cli_prints_a_json_last_line_with_torch_comparison():
   assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * r["model_flops_per_token"] / r["peak_flops"])
   assert r["compile_s"] > 0 and np.isfinite(r["loss"])
   assert r["collective_bytes_per_device"] == dict.fromkeys(collectives.KINDS, 0)  # one device: nothing to send
+  assert r["attention"] == "xla"  # the kernel tiny's `auto` resolved to on this platform (a flash kernel on GPU)
   assert r["speedup"] == pytest.approx(r["torch_step_time_s"] / r["step_time_s"])
   assert r["torch_tokens_per_sec"] == pytest.approx(tokens / r["torch_step_time_s"])
 

@@ -13,14 +13,17 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import portpicker
 import pytest
 
 from ar_lm_jax import checkpoint as ckpt_lib
@@ -361,3 +364,59 @@ def test_a_truncated_array_is_one_warning_line_naming_it(small, tmp_path, capfd,
                   r'"(params|opt_state)\.[^"]+" .*\); moved it to 2\.corrupt-', lines[0]), lines[0]
   assert not [rec for rec in caplog.records if rec.name.startswith("asyncio") and rec.levelno >= logging.WARNING], \
       caplog.text[-3000:]
+
+
+# Two processes over gloo; the read fails on one of them only. Each process prints what `_agreed` gave it.
+_ONE_SIDED = r"""
+import sys
+import jax
+from ar_lm_jax import checkpoint as ckpt_lib, distributed, startup
+startup.initialize(sys.argv[1], 2, int(sys.argv[2]))
+me = jax.process_index()
+
+def attempt(read):
+  try:
+    return f"ok {ckpt_lib._agreed(read)}"
+  except (ckpt_lib._Unusable, ckpt_lib.CheckpointError) as e:
+    return f"{type(e).__name__}: {e}"
+
+def damaged_on_1():
+  if me == 1:
+    raise ckpt_lib._Unusable("cannot read data/process_1-of-2.json (JSONDecodeError)")
+  return "read"
+
+def does_not_fit_on_0():
+  if me == 0:
+    raise ckpt_lib.CheckpointError("checkpoint step 2 does not fit this run's state")
+  return "read"
+
+for read in (damaged_on_1, does_not_fit_on_0, lambda: me):
+  print(attempt(read), flush=True)
+distributed.finish()
+"""
+
+
+def test_a_read_that_fails_on_one_process_gives_every_process_the_same_verdict(tmp_path):
+  """The restore's verdict with real processes: a step damaged on process 1 only is unusable on both (so both move
+  it aside and fall back together, and neither waits in a collective the other skipped); a step that does not fit
+  on one is an error on both; reads that succeed everywhere give each process its own result."""
+  repo = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": str(repo)}
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  procs = [subprocess.Popen([sys.executable, "-c", _ONE_SIDED, address, str(i)], env=env, cwd=repo, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=180))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("a process hung in the verdict")
+  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f"process {i}: {err[-3000:]}"
+    lines = [l for l in out.splitlines() if not l.startswith("[Gloo]")]
+    assert lines == ["_Unusable: process 1: cannot read data/process_1-of-2.json (JSONDecodeError)",
+                     "CheckpointError: checkpoint step 2 does not fit this run's state",
+                     f"ok {i}"], f"process {i}: {out}\n{err[-2000:]}"

@@ -222,6 +222,15 @@ def test_config_mistakes_name_the_key_and_the_source(capsys, monkeypatch, tmp_pa
   assert not (tmp_path / "w").exists()
 
 
+def test_a_config_file_that_does_not_parse_is_one_line_naming_it(capsys, monkeypatch, tmp_path):
+  mine = tmp_path / "mine.py"
+  mine.write_text("from ar_lm_jax.config import Config\n\ndef get_config(:\n  return Config()\n")
+  assert run_tool(train_cmd.main, [f"--workdir={tmp_path / 'w'}", f"--config={mine}"], monkeypatch) == 2
+  line = one_error_line(capsys)
+  assert f"{mine}:3" in line and "SyntaxError" in line, line
+  assert not (tmp_path / "w").exists()
+
+
 # ---------------------------------------------------------------------------
 # 3, 8, 12: the tools.
 

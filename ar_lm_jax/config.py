@@ -465,7 +465,10 @@ def load_config(name_or_path: str) -> Config:
       raise ConfigError(f"config: {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"_arlm_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+      spec.loader.exec_module(module)
+    except SyntaxError as e:  # a file that is not Python is bad input; an error raised by running it keeps its traceback
+      raise ConfigError(f"config: {path}:{e.lineno} does not parse (SyntaxError: {e.msg})") from None
   else:
     name = name_or_path.replace("-", "_")
     known = named_configs()

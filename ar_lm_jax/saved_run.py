@@ -132,7 +132,11 @@ def _abstract_leaves(model_cfg: config_lib.ModelConfig) -> dict:
 def saved_param_shapes(ckpt_dir: Path, step: int) -> dict:
   """Our path -> shape of every saved parameter, from the checkpoint's metadata (no array is read)."""
   # checkpoint.py's layout: each step holds a "state" item whose "params" subtree is read alone.
-  meta = ocp.PyTreeCheckpointHandler().metadata(Path(ckpt_dir) / str(step) / "state")
+  try:
+    meta = ocp.PyTreeCheckpointHandler().metadata(Path(ckpt_dir) / str(step) / "state")
+  except Exception as e:  # noqa: BLE001 - a cut or garbled _METADATA: the reader raises JSON, OS or orbax errors
+    raise CheckpointError(f"cannot read the params of checkpoint step {step} in {ckpt_dir} "  # restore_params' words
+                          f"(its metadata: {short_error(e)})") from None
   tree = getattr(meta, "tree", meta)
   if "params" not in tree:
     raise CheckpointError(f"{ckpt_dir}/{step}: the saved state has no params")

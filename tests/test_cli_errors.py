@@ -95,6 +95,9 @@ def damaged(pristine: Path, tmp_path: Path, kind: str) -> Path:
     chunk.write_bytes(bytes(data))
   elif kind == "truncate":
     chunk.write_bytes(bytes(data[:len(data) // 2]))
+  elif kind == "metadata":  # the state's tree metadata cut short: no array can even be located
+    meta = step2 / "state" / "_METADATA"
+    meta.write_bytes(meta.read_bytes()[:meta.stat().st_size // 3])
   elif kind == "mixed_copy":  # step 1's arrays under step 2's fingerprint: orbax reads them without a murmur
     shutil.rmtree(step2 / "state")
     shutil.copytree(workdir / "checkpoints" / "1" / "state", step2 / "state")
@@ -105,7 +108,7 @@ def damaged(pristine: Path, tmp_path: Path, kind: str) -> Path:
 # 1 and 3: a damaged checkpoint never exports, and every reader refuses it the same way.
 
 
-@pytest.mark.parametrize("kind", ["flip", "mixed_copy", "truncate"])
+@pytest.mark.parametrize("kind", ["flip", "mixed_copy", "truncate", "metadata"])
 def test_a_damaged_checkpoint_never_exports_and_every_reader_refuses_it(pristine, cfg, tmp_path, capsys, kind):
   workdir = damaged(pristine, tmp_path, kind)
   before = tree_snapshot(workdir)
@@ -147,7 +150,7 @@ def test_a_checkpoint_without_fingerprint_is_refused(pristine, tmp_path, capsys)
   assert "no fingerprint" in one_error_line(capsys) and not (tmp_path / "hf").exists()
 
 
-@pytest.mark.parametrize("kind", ["mixed_copy", "truncate"])
+@pytest.mark.parametrize("kind", ["mixed_copy", "truncate", "metadata"])
 def test_damaged_export_in_a_subprocess_is_one_line(pristine, tmp_path, kind):
   """Nothing but the error: a failed read also leaves orbax's event-loop noise behind, which must not show."""
   workdir = damaged(pristine, tmp_path, kind)
@@ -216,6 +219,15 @@ def test_config_mistakes_name_the_key_and_the_source(capsys, monkeypatch, tmp_pa
   for flag, words in cases:
     assert run_tool(train_cmd.main, [f"--workdir={tmp_path / 'w'}", flag], monkeypatch) == 2
     assert words in one_error_line(capsys)
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_config_file_that_does_not_parse_is_one_line_naming_it(capsys, monkeypatch, tmp_path):
+  mine = tmp_path / "mine.py"
+  mine.write_text("from ar_lm_jax.config import Config\n\ndef get_config(:\n  return Config()\n")
+  assert run_tool(train_cmd.main, [f"--workdir={tmp_path / 'w'}", f"--config={mine}"], monkeypatch) == 2
+  line = one_error_line(capsys)
+  assert f"{mine}:3" in line and "SyntaxError" in line, line
   assert not (tmp_path / "w").exists()
 
 

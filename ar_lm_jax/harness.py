@@ -503,7 +503,8 @@ def _missing_dataset(e: BaseException, tasks: Sequence[str]) -> Optional[str]:
     return None
   first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
   return (f"tasks {', '.join(tasks)}: a dataset is not in the local Hugging Face datasets cache ({first}); "
-          "cache it on a machine with internet (docs/harness.md), or set HF_DATASETS_OFFLINE=0 to download")
+          "cache it on a machine with internet (docs/harness.md), or set HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 "
+          "to download")
 
 
 def evaluate_tasks(lm: ArLmJax, tasks: Sequence[str], *, manager=None, include_path=None, num_fewshot: Optional[int] = None,

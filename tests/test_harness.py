@@ -275,3 +275,11 @@ def test_two_processes_a_failure_on_process_0_ends_both_with_exit_2(trained):
   (code0, _, err0), (code1, _, err1) = run_two_processes([f"--workdir={trained[0]}", "--tasks=arabicmmlu_stem"])
   assert (code0, code1) == (2, 2), err0[-2000:] + err1[-2000:]
   assert "MBZUAI/ArabicMMLU" in err0 and "process 0 failed" in err1
+
+
+def test_the_missing_dataset_message_names_both_switches_that_allow_a_download():
+  """The command defaults both HF_DATASETS_OFFLINE and HF_HUB_OFFLINE to 1: with only the first set to 0 the
+  hub stays offline and the same error comes back (LocalEntryNotFoundError), so the advice names both."""
+  message = harness._missing_dataset(ConnectionError("Couldn't reach 'MBZUAI/ArabicMMLU' on the Hub (OfflineModeIsEnabled)"),
+                                     ["arabicmmlu"])
+  assert "MBZUAI/ArabicMMLU" in message and "HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0" in message

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -152,6 +153,25 @@ def test_recipe_zero1_bytes_per_device(data, model):
   assert model_lib.param_count(params) == RECIPE_PARAMS
   assert sharding.bytes_per_device(params, params_sh) == pytest.approx(4 * RECIPE_PARAMS / model, rel=0.01)
   assert sharding.bytes_per_device(opt, opt_sh) == pytest.approx(2 * 4 * RECIPE_PARAMS / (data * model), rel=0.01)
+
+
+def test_readme_one_node_resume_of_the_recipe_fits_8_gpus_with_the_same_global_batch():
+  """README: a 2-node run whose node is lost continues on the remaining node. The recipe pins mesh.data=16,
+  so the command there needs the overrides the README gives; with them the mesh fits 8 GPUs, the global
+  batch stays 96 and each GPU still holds micro-batches of 6 (what the 2-node run fit in memory)."""
+  readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+  paragraph = readme[readme.index("If a node is lost"):].split("\n\n")[0]
+  flags = dict(f.split("=", 1) for f in re.findall(r"--config\.([\w.]+=\S+?)[`\s]", paragraph))
+  two_nodes = load_config("ar_stablelm_2_1_6b")
+  assert sharding.validate(two_nodes, 16, 2) == (16, 1)
+  with pytest.raises(ConfigError, match="does not match the 8 devices"):
+    sharding.validate(two_nodes, 8, 1)  # the same command, unchanged, on one node
+  one_node = apply_overrides(two_nodes, flags)
+  data_axis, _ = sharding.validate(one_node, 8, 1)
+  assert one_node.data.batch_size == two_nodes.data.batch_size == 96
+  per_gpu = lambda c, d: c.data.batch_size // c.optim.grad_accum_steps // d
+  assert per_gpu(one_node, data_axis) == per_gpu(two_nodes, 16) == 6
+  assert data.virtual_shard_count(one_node.data) == data.virtual_shard_count(two_nodes.data) == 16
 
 
 # ---------------------------------------------------------------------------

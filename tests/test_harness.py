@@ -173,6 +173,38 @@ def test_training_logs_harness_metrics_of_the_live_params(trained, ours):
   assert tensorboard_tags(workdir / "tensorboard")["harness/arlm_mc_ar/acc"] == [2, 4]
 
 
+def test_the_harness_time_is_kept_out_of_tokens_per_sec(tmp_path, monkeypatch):
+  """A harness call of 2 s after step 2: the tokens/s of steps 2 and 3 (reports trail the dispatch by one step,
+  so the call falls into step 2's interval) are the steps' own rate, not diluted by it."""
+  import time
+
+  class SlowHarness:
+    def __init__(self, setup):
+      pass
+
+    def __call__(self, params, step):
+      time.sleep(2.0)
+      return {"harness/slow/acc": 0.5}
+
+  monkeypatch.setattr(harness, "TrainHarness", SlowHarness)
+  cfg = Config(
+      name="harness-time-test",
+      model=ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, max_position_embeddings=MAX_LEN),
+      data=DataConfig(seq_len=MAX_LEN, batch_size=4, prefetch=0),
+      optim=OptimConfig(phases=(PhaseConfig("linear_warmup", steps=1, end_lr=3e-3), PhaseConfig("cosine", steps=3, end_lr=3e-4))),
+      train=TrainConfig(steps=4, log_every=1, progress=False, harness_every=2, harness_tasks=("slow",)),
+      checkpoint=CheckpointConfig(async_save=False),
+  )
+  loop.run(cfg, tmp_path / "run")
+  rows = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+  assert rows[2]["harness/slow/acc"] == 0.5
+  tokens_per_step = 4 * MAX_LEN
+  # With the 2 s counted, one of them would log at most tokens_per_step / 2 tokens/s; a step of this model takes
+  # milliseconds, so above 1.5 x tokens_per_step (a step under 0.67 s) means the harness was left out.
+  for step in (2, 3):
+    assert rows[step]["tokens_per_sec"] > 1.5 * tokens_per_step, rows[step]
+
+
 def run_cli(argv) -> tuple[int, list[str], str]:
   """(exit code, stdout lines, stderr) of `python -m experiments.harness ARGV`, run in-process."""
   from experiments import harness as harness_cli

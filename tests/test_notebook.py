@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -23,17 +24,24 @@ EVAL_KEYS = ("eval/en/loss", "eval/ar/loss", "eval/en/bpb", "eval/ar/bpb")
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """A 4-step run of a tiny model, evaluated in training at steps 2 and 4."""
+  """A 4-step run of a tiny model, evaluated in training at steps 2 and 4, with lm-eval's harness at step 4."""
   cfg = Config(
       name="notebook-test",
       model=ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, max_position_embeddings=256),
       data=DataConfig(seq_len=64, batch_size=4, prefetch=0),
       optim=OptimConfig(phases=(PhaseConfig("linear_warmup", steps=1, end_lr=3e-3), PhaseConfig("cosine", steps=3, end_lr=3e-4))),
-      train=TrainConfig(steps=4, log_every=1, eval_every=2, eval_max_docs=4, progress=False),
+      train=TrainConfig(steps=4, log_every=1, eval_every=2, eval_max_docs=4, progress=False, harness_every=4,
+                        harness_tasks=("arlm_mc_en",), harness_include_path=str(REPO_ROOT / "tests" / "harness_tasks"),
+                        harness_limit=4),
       checkpoint=CheckpointConfig(async_save=False),
   )
   wd = tmp_path_factory.mktemp("nb") / "run"
-  loop.run(cfg, wd)
+  before = os.getcwd()
+  os.chdir(REPO_ROOT)  # the project's task YAMLs name their data files relative to the repo root
+  try:
+    loop.run(cfg, wd)
+  finally:
+    os.chdir(before)
   return wd
 
 
@@ -88,3 +96,4 @@ def test_notebook_runs_headless_and_draws(workdir, monkeypatch):
   assert text.count("->") == 4  # four generations
   assert text.count("=> assistant:") == 3 and "read no chat source" in text  # chat replies (generate_chat), of a text run
   assert "|arlm_mc_ar" in text and "acc_norm" in text  # lm-eval's benchmark table of the checkpoint (ar_lm_jax/harness.py)
+  assert "no harness/* metrics" not in text  # the harness/* curves of the run were drawn (train.harness_every)

@@ -13,23 +13,21 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import portpicker
 import pytest
 
 from ar_lm_jax import checkpoint as ckpt_lib
 from ar_lm_jax import saved_run
 from ar_lm_jax import step as step_lib
 from ar_lm_jax.config import ConfigError, MeshConfig, load_config
+import run_testing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -400,22 +398,9 @@ def test_a_read_that_fails_on_one_process_gives_every_process_the_same_verdict(t
   """The restore's verdict with real processes: a step damaged on process 1 only is unusable on both (so both move
   it aside and fall back together, and neither waits in a collective the other skipped); a step that does not fit
   on one is an error on both; reads that succeed everywhere give each process its own result."""
-  repo = Path(__file__).resolve().parents[1]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": str(repo)}
-  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  procs = [subprocess.Popen([sys.executable, "-c", _ONE_SIDED, address, str(i)], env=env, cwd=repo, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-  outs = []
-  for p in procs:
-    try:
-      outs.append(p.communicate(timeout=180))
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("a process hung in the verdict")
-  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f"process {i}: {err[-3000:]}"
+  outs = run_testing.run_two_processes(lambda i, address: ["-c", _ONE_SIDED, address, str(i)], timeout_s=180)
+  for i, (code, out, err) in enumerate(outs):
+    assert code == 0, f"process {i}: {err[-3000:]}"
     lines = [l for l in out.splitlines() if not l.startswith("[Gloo]")]
     assert lines == ["_Unusable: process 1: cannot read data/process_1-of-2.json (JSONDecodeError)",
                      "CheckpointError: checkpoint step 2 does not fit this run's state",

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from ar_lm_jax import cli, harness, hf_io, loop
+import run_testing
 from ar_lm_jax.config import (CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, PhaseConfig,
                               TrainConfig)
 
@@ -263,25 +264,10 @@ def test_rolling_windows_are_lm_evals(ours):
 
 
 def run_two_processes(argv, timeout_s: int = 300) -> list[tuple[int, str, str]]:
-  """(exit code, stdout, stderr) of `python -m experiments.harness ARGV` as 2 processes over gloo; never waits
-  longer than `timeout_s` (both are killed, and the test fails, if they hang)."""
-  import portpicker
-  import subprocess
-  port = portpicker.pick_unused_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen([sys.executable, "-m", "experiments.harness", *argv, f"--coordinator_address=127.0.0.1:{port}",
-                             "--num_processes=2", f"--process_id={i}"], cwd=REPO_ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-  out = []
-  try:
-    for p in procs:
-      stdout, stderr = p.communicate(timeout=timeout_s)
-      out.append((p.returncode, stdout, stderr))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  return out
+  """(exit code, stdout, stderr) of `python -m experiments.harness ARGV` as 2 processes over gloo (bounded wait)."""
+  return run_testing.run_two_processes(
+      lambda i, address: ["-m", "experiments.harness", *argv, f"--coordinator_address={address}", "--num_processes=2",
+                          f"--process_id={i}"], timeout_s)
 
 
 @pytest.mark.skipif(not os.environ.get("AR_LM_SLOW_TESTS"), reason="two processes that score and generate (~60 s); "

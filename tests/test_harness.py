@@ -47,18 +47,22 @@ def at_repo_root():
   os.chdir(before)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, at_repo_root):
-  """(workdir, HF export) of a 4-step run with the in-training harness at steps 2 and 4."""
-  cfg = Config(
-      name="harness-test",
+def harness_run_config(name: str, **train) -> Config:
+  """A tiny 4-step run with the in-training harness at steps 2 and 4 (`train`: the harness's tasks)."""
+  return Config(
+      name=name,
       model=ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, max_position_embeddings=MAX_LEN),
       data=DataConfig(seq_len=MAX_LEN, batch_size=4, prefetch=0),
       optim=OptimConfig(phases=(PhaseConfig("linear_warmup", steps=1, end_lr=3e-3), PhaseConfig("cosine", steps=3, end_lr=3e-4))),
-      train=TrainConfig(steps=4, log_every=1, progress=False, harness_every=2, harness_tasks=TRAIN_TASKS,
-                        harness_include_path=str(TASKS_DIR)),
+      train=TrainConfig(steps=4, log_every=1, progress=False, harness_every=2, **train),
       checkpoint=CheckpointConfig(async_save=False),
   )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, at_repo_root):
+  """(workdir, HF export) of a 4-step run with the in-training harness at steps 2 and 4."""
+  cfg = harness_run_config("harness-test", harness_tasks=TRAIN_TASKS, harness_include_path=str(TASKS_DIR))
   root = tmp_path_factory.mktemp("harness")
   loop.run(cfg, root / "run")
   hf_io.export_checkpoint(root / "run", root / "hf")
@@ -188,18 +192,11 @@ def test_the_harness_time_is_kept_out_of_tokens_per_sec(tmp_path, monkeypatch):
       return {"harness/slow/acc": 0.5}
 
   monkeypatch.setattr(harness, "TrainHarness", SlowHarness)
-  cfg = Config(
-      name="harness-time-test",
-      model=ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, max_position_embeddings=MAX_LEN),
-      data=DataConfig(seq_len=MAX_LEN, batch_size=4, prefetch=0),
-      optim=OptimConfig(phases=(PhaseConfig("linear_warmup", steps=1, end_lr=3e-3), PhaseConfig("cosine", steps=3, end_lr=3e-4))),
-      train=TrainConfig(steps=4, log_every=1, progress=False, harness_every=2, harness_tasks=("slow",)),
-      checkpoint=CheckpointConfig(async_save=False),
-  )
+  cfg = harness_run_config("harness-time-test", harness_tasks=("slow",))
   loop.run(cfg, tmp_path / "run")
   rows = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
   assert rows[2]["harness/slow/acc"] == 0.5
-  tokens_per_step = 4 * MAX_LEN
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   # With the 2 s counted, one of them would log at most tokens_per_step / 2 tokens/s; a step of this model takes
   # milliseconds, so above 1.5 x tokens_per_step (a step under 0.67 s) means the harness was left out.
   for step in (2, 3):
